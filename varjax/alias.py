@@ -1,0 +1,203 @@
+"""Ready optimizers assembled from the families' building blocks.
+
+Each is ``optax.chain(block, add_decayed_weights(weight_decay, mask),
+scale_by_learning_rate(learning_rate))``: decoupled weight decay as in AdamW
+(``weight_decay=0`` by default, which makes it a no-op), and ``learning_rate``
+and ``weight_decay`` accept a float or an ``optax.Schedule``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from varjax import rectification
+from varjax._base import ScalarOrSchedule, check_adam_hyperparameters, check_interval
+
+__all__ = [
+    "adam_atan2",
+    "adamp",
+    "adopt",
+    "cautious_adamw",
+    "diffgrad",
+    "grams",
+    "radam",
+]
+
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
+
+
+def _with_decay_and_rate(
+    block: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``block``, then decoupled weight decay, then the (negative) learning rate."""
+    check_interval("learning_rate", learning_rate, 0.0)
+    check_interval("weight_decay", weight_decay, 0.0)
+    return optax.chain(
+        block,
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def radam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Rectified Adam (Liu et al., 2020); see :func:`varjax.scale_by_radam`.
+
+    Same defaults and threshold convention (``rho_t >= 5``) as :func:`optax.radam`,
+    and equal to it when ``weight_decay=0``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, varjax
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = varjax.radam(1e-2)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+    """
+    block = rectification.scale_by_radam(
+        b1, b2, eps, eps_root, threshold, nesterov=nesterov, amsgrad=amsgrad, mu_dtype=mu_dtype
+    )
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def adopt(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.9999,
+    eps: float = 1e-6,
+    *,
+    clip_fn: Callable[[jax.Array], jax.Array] | None = rectification._quarter_power,
+    nesterov: bool = False,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """ADOPT (Taniguchi et al., 2024); see :func:`varjax.scale_by_adopt`.
+
+    Equal to :func:`optax.contrib.adopt` when ``weight_decay=0``.
+    """
+    block = rectification.scale_by_adopt(
+        b1, b2, eps, clip_fn=clip_fn, nesterov=nesterov, mu_dtype=mu_dtype
+    )
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def grams(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    amsgrad: bool = False,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Grams (Cao et al., 2024); see :func:`varjax.scale_by_grams`."""
+    block = rectification.scale_by_grams(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype)
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def diffgrad(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    amsgrad: bool = False,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """diffGrad (Dubey et al., 2019); see :func:`varjax.scale_by_diffgrad`."""
+    block = rectification.scale_by_diffgrad(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype)
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def adam_atan2(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    a: float = 1.27,
+    b: float = 1.0,
+    *,
+    amsgrad: bool = False,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam-atan2 (Everett et al., 2024); see :func:`varjax.scale_by_adam_atan2`."""
+    block = rectification.scale_by_adam_atan2(b1, b2, a, b, amsgrad=amsgrad, mu_dtype=mu_dtype)
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def adamp(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+    delta: float = 0.1,
+    wd_ratio: float = 0.1,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamP (Heo et al., 2021); see :func:`varjax.scale_by_adamp`.
+
+    The weight decay lives in the block (scale-invariant weights get
+    ``wd_ratio`` of it), so it is a float here rather than a schedule.
+    """
+    check_interval("learning_rate", learning_rate, 0.0)
+    block = rectification.scale_by_adamp(
+        b1,
+        b2,
+        eps,
+        weight_decay=weight_decay,
+        delta=delta,
+        wd_ratio=wd_ratio,
+        nesterov=nesterov,
+        amsgrad=amsgrad,
+        mu_dtype=mu_dtype,
+    )
+    return optax.chain(block, optax.scale_by_learning_rate(learning_rate))
+
+
+def cautious_adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Cautious AdamW (Liang et al., 2024): :func:`varjax.cautious` around ``optax.scale_by_adam``.
+
+    The weight decay is added after the mask, as in the paper's C-AdamW, and
+    defaults to Optax's ``adamw`` value.
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+    block = rectification.cautious(optax.scale_by_adam(b1, b2, eps))
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)

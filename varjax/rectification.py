@@ -1,0 +1,659 @@
+"""Rectification and adaptive-step corrections of Adam.
+
+Building blocks in Optax's ``scale_by_*`` convention (they output the update
+direction *before* the learning rate and its sign flip) and wrappers that
+correct any adaptive transform:
+
+* :func:`rectify` / :func:`scale_by_radam` - RAdam's variance rectification.
+* :func:`scale_by_adopt` - ADOPT, the second moment taken one step late.
+* :func:`scale_by_grams` - Grams, Adam's magnitude with the gradient's sign.
+* :func:`cautious` - cautious masking of any transform's update.
+* :func:`scale_by_diffgrad` - diffGrad's friction on the first moment.
+* :func:`scale_by_adamp` - AdamP's projection for scale-invariant weights.
+* :func:`scale_by_adam_atan2` - eps-free Adam through ``atan2``.
+
+The Adam-like blocks take ``amsgrad=True`` for the AMSGrad max correction of
+the second moment (one shared implementation in :mod:`varjax._base`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from varjax._base import (
+    AdaptiveState,
+    PyTree,
+    adaptive_step,
+    bias_correct,
+    cast_like,
+    check_adam_hyperparameters,
+    check_interval,
+    check_same_structure,
+    ema,
+    ema_squared,
+    init_adaptive_state,
+    zero_count,
+)
+
+__all__ = [
+    "CautiousState",
+    "RectifyState",
+    "ScaleByAdoptState",
+    "ScaleByDiffGradState",
+    "cautious",
+    "rectification",
+    "rectify",
+    "scale_by_adam_atan2",
+    "scale_by_adamp",
+    "scale_by_adopt",
+    "scale_by_diffgrad",
+    "scale_by_grams",
+    "scale_by_radam",
+]
+
+
+# --------------------------------------------------------------------------
+# RAdam
+# --------------------------------------------------------------------------
+
+
+def rectification(count: jax.Array, b2: Any, threshold: Any) -> tuple[jax.Array, jax.Array]:
+    """RAdam's rectification term ``r_t`` and whether it applies at step ``count``.
+
+    From Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and
+    Beyond" (Algorithm 2): with ``rho_inf = 2 / (1 - b2) - 1`` and
+    ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)``, the adaptive step is used,
+    multiplied by ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf /
+    ((rho_inf - 4)(rho_inf - 2) rho_t))``, when ``rho_t >= threshold``.
+
+    Args:
+      count: the step number, 1 on the first step.
+      b2: decay of the second-moment EMA of the rectified transform.
+      threshold: smallest ``rho_t`` at which the adaptive step is used.
+
+    Returns:
+      ``(r_t, rectified)``: float32 scalars; ``r_t`` is 0 where not rectified.
+    """
+    t = jnp.asarray(count, jnp.float32)
+    if isinstance(b2, (int, float)):  # host float64: exact rho_inf and log(b2)
+        rho_inf = 2.0 / (1.0 - b2) - 1.0
+        log_b2 = math.log(b2) if b2 > 0 else -math.inf
+    else:
+        b2 = jnp.asarray(b2, jnp.float32)
+        rho_inf = 2.0 / (1.0 - b2) - 1.0
+        log_b2 = jnp.log(b2)
+    # 1 - b2^t as -expm1(t log b2): no cancellation for small t (1 - b2).
+    one_minus_b2_t = -jnp.expm1(t * log_b2)
+    rho = rho_inf - 2.0 * t * (1.0 - one_minus_b2_t) / one_minus_b2_t
+    rectified = rho >= threshold
+    safe_rho = jnp.where(rectified, rho, rho_inf)
+    r = jnp.sqrt(
+        (safe_rho - 4.0) * (safe_rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe_rho)
+    )
+    return jnp.where(rectified, r, 0.0), rectified
+
+
+def _check_threshold(threshold: Any) -> None:
+    check_interval("threshold", threshold, 4.0)
+
+
+def scale_by_radam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Rescale updates by Rectified Adam (Liu et al., 2020).
+
+    While the variance of the adaptive learning rate is intractable
+    (``rho_t < threshold``, the first few steps) the update is the
+    bias-corrected momentum; afterwards it is Adam's step times ``r_t``
+    (see :func:`rectification`). Equal to :func:`optax.scale_by_radam` with the
+    same arguments.
+
+    *Threshold convention.* The paper computes the adaptive step when
+    ``rho_t > 4``; its official code and Optax use ``rho_t >= 5`` (``threshold=5``,
+    the default here). ``threshold=4`` gives the paper's condition up to the
+    single step at which ``rho_t`` is exactly 4 (where ``r_t = 0``).
+
+    Args:
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+      threshold: ``rho_t`` from which the adaptive step is used, >= 4.
+      nesterov: use Nesterov momentum (as Optax does).
+      amsgrad: use the running maximum of ``nu_hat`` (AMSGrad).
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(varjax.scale_by_radam(), optax.scale_by_learning_rate(1e-3))
+      >>> params = {"w": jnp.ones(3)}
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params))
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+    check_interval("eps_root", eps_root, 0.0)
+    _check_threshold(threshold)
+
+    def init_fn(params: PyTree) -> AdaptiveState:
+        return init_adaptive_state(params, amsgrad=amsgrad, mu_dtype=mu_dtype)
+
+    def update_fn(
+        updates: PyTree, state: AdaptiveState, params: PyTree | None = None
+    ) -> tuple[PyTree, AdaptiveState]:
+        del params
+        new_state, mu_hat, nu_hat = adaptive_step(updates, state, b1, b2)
+        if nesterov:
+            next_mu_hat = bias_correct(new_state.mu, b1, optax.safe_increment(new_state.count))
+            grad_hat = bias_correct(updates, b1, new_state.count)
+            mu_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, next_mu_hat, grad_hat)
+        r, rectified = rectification(new_state.count, b2, threshold)
+        out = jax.tree.map(
+            lambda m, v: jnp.where(
+                rectified, r.astype(m.dtype) * m / (jnp.sqrt(v + eps_root) + eps), m
+            ),
+            mu_hat,
+            nu_hat,
+        )
+        return cast_like(out, updates), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class RectifyState(NamedTuple):
+    """State of :func:`rectify`: step count, inner state, fallback momentum (or None)."""
+
+    count: jax.Array
+    inner_state: optax.OptState
+    mu: PyTree | None
+
+
+Fallback = Literal["momentum", "sgd", "skip"]
+
+
+def rectify(
+    inner: optax.GradientTransformation,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    threshold: float = 5.0,
+    fallback: Fallback = "momentum",
+) -> optax.GradientTransformationExtraArgs:
+    """RAdam's rectification around any adaptive transform.
+
+    The inner transform runs (and updates its state) every step. Once
+    ``rho_t >= threshold`` its update is multiplied by ``r_t``
+    (:func:`rectification`); before that the fallback is used instead:
+
+    * ``"momentum"`` (RAdam's choice): the bias-corrected EMA of the gradient
+      with decay ``b1``, kept in this wrapper's state;
+    * ``"sgd"``: the raw gradient;
+    * ``"skip"``: a zero update (pytorch-optimizer's ``degenerated_to_sgd=False``).
+
+    ``b2`` must be the decay of the inner transform's second-moment EMA: the
+    rectification term measures the variance of *that* estimate. With
+    ``inner=optax.scale_by_adam(b1, b2)`` and ``fallback="momentum"`` this is
+    RAdam (:func:`scale_by_radam` is the same method without the duplicated
+    first moment).
+
+    Args:
+      inner: the adaptive transform, before the learning rate.
+      b1: decay of the fallback momentum, in [0, 1).
+      b2: decay of the inner second moment, in [0, 1).
+      threshold: ``rho_t`` from which the inner update is used, >= 4.
+      fallback: ``"momentum"``, ``"sgd"`` or ``"skip"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` that forwards extra args to
+      ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(
+      ...     varjax.rectify(varjax.scale_by_diffgrad(b2=0.999), b2=0.999),
+      ...     optax.scale_by_learning_rate(1e-3))
+      >>> state = tx.init({"w": jnp.ones(3)})
+    """
+    check_interval("b1", b1, 0.0, 1.0, high_closed=False)
+    check_interval("b2", b2, 0.0, 1.0, high_closed=False)
+    _check_threshold(threshold)
+    if fallback not in ("momentum", "sgd", "skip"):
+        raise ValueError(f"fallback must be 'momentum', 'sgd' or 'skip', got {fallback!r}")
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> RectifyState:
+        mu = optax.tree.zeros_like(params) if fallback == "momentum" else None
+        return RectifyState(count=zero_count(), inner_state=inner.init(params), mu=mu)
+
+    def update_fn(
+        updates: PyTree, state: RectifyState, params: PyTree | None = None, **extra_args: Any
+    ) -> tuple[PyTree, RectifyState]:
+        count = optax.safe_increment(state.count)
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        mu = state.mu
+        if fallback == "momentum":
+            check_same_structure(updates, mu, "rectify fallback momentum")
+            mu = ema(updates, mu, b1)
+            not_rectified = bias_correct(mu, b1, count)
+        elif fallback == "sgd":
+            not_rectified = updates
+        else:
+            not_rectified = optax.tree.zeros_like(updates)
+        r, rectified = rectification(count, b2, threshold)
+        out = jax.tree.map(
+            lambda u, f: jnp.where(rectified, r.astype(u.dtype) * u, f.astype(u.dtype)),
+            inner_updates,
+            not_rectified,
+        )
+        return cast_like(out, updates), RectifyState(count=count, inner_state=inner_state, mu=mu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# ADOPT
+# --------------------------------------------------------------------------
+
+
+class ScaleByAdoptState(NamedTuple):
+    """State of :func:`scale_by_adopt`."""
+
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+
+
+def _quarter_power(count: jax.Array) -> jax.Array:
+    return jnp.asarray(count, jnp.float32) ** 0.25
+
+
+def scale_by_adopt(
+    b1: float = 0.9,
+    b2: float = 0.9999,
+    eps: float = 1e-6,
+    *,
+    clip_fn: Callable[[jax.Array], jax.Array] | None = _quarter_power,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Rescale updates by ADOPT (Taniguchi et al., 2024, "ADOPT: Modified Adam
+    Can Converge with Any beta2 with the Optimal Rate").
+
+    The gradient is normalised by the second moment *of the previous step*,
+    clipped, and only then averaged into the momentum:
+    ``m_t = b1 m_{t-1} + (1 - b1) clip(g_t / max(sqrt(v_{t-1}), eps), c_t)``,
+    ``v_t = b2 v_{t-1} + (1 - b2) g_t^2``, update ``m_t``. The first step only
+    initialises ``v_0 = g_0^2`` and returns a zero update. Equal to
+    :func:`optax.contrib.scale_by_adopt`.
+
+    *Clip convention.* ``c_t = clip_fn(t)`` with ``t`` the number of steps
+    before this one, so the first real update uses ``c_1 = 1`` (the paper's
+    Algorithm 2 and Optax). The official code and pytorch-optimizer call their
+    ``clip_lambda`` with ``t + 1``.
+
+    Args:
+      b1: momentum decay, in [0, 1).
+      b2: second-moment decay, in [0, 1).
+      eps: lower bound of ``sqrt(v)``, >= 0.
+      clip_fn: the clip value as a function of the step, or ``None`` for no clip.
+      nesterov: use Nesterov momentum (as Optax does).
+      mu_dtype: dtype of the momentum; ``None`` keeps the parameters' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.scale_by_adopt()
+      >>> updates, state = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
+      >>> updates["w"]  # the first step only measures the gradient
+      Array([0., 0.], dtype=float32)
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+
+    def init_fn(params: PyTree) -> ScaleByAdoptState:
+        return ScaleByAdoptState(
+            count=zero_count(),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(
+        updates: PyTree, state: ScaleByAdoptState, params: PyTree | None = None
+    ) -> tuple[PyTree, ScaleByAdoptState]:
+        del params
+        check_same_structure(updates, state.mu, "optimizer state")
+        first = state.count == 0
+
+        def normalise(g: jax.Array, v: jax.Array) -> jax.Array:
+            n = g / jnp.maximum(jnp.sqrt(v), eps)
+            if clip_fn is not None:
+                c = clip_fn(state.count)
+                n = jnp.clip(n, -c, c)
+            return jnp.where(first, jnp.zeros_like(n), n)
+
+        normalised = jax.tree.map(normalise, updates, state.nu)
+        mu = jax.tree.map(
+            lambda new, old: jnp.where(first, old, new), ema(normalised, state.mu, b1), state.mu
+        )
+        nu = ema_squared(updates, state.nu, jnp.where(first, 0.0, b2))
+        out = ema(normalised, mu, b1) if nesterov else mu
+        new_state = ScaleByAdoptState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
+        return cast_like(out, updates), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Grams, diffGrad, Adam-atan2: Adam with a different step from (mu_hat, nu_hat)
+# --------------------------------------------------------------------------
+
+
+def _adam_direction(mu_hat: PyTree, nu_hat: PyTree, eps: Any) -> PyTree:
+    return jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+
+
+def scale_by_grams(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    amsgrad: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Rescale updates by Grams (Cao et al., 2024, "Grams: Gradient Descent with
+    Adaptive Momentum Scaling").
+
+    The magnitude of Adam's step with the sign of the current gradient:
+    ``sign(g_t) * |mu_hat / (sqrt(nu_hat) + eps)|``.
+
+    *Defaults.* ``eps=1e-8`` as in Adam and the paper; pytorch-optimizer's
+    ``Grams`` uses ``eps=1e-6``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.scale_by_grams()
+      >>> updates, _ = tx.update({"w": jnp.array([1.0, -2.0])}, tx.init({"w": jnp.zeros(2)}))
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+
+    def init_fn(params: PyTree) -> AdaptiveState:
+        return init_adaptive_state(params, amsgrad=amsgrad, mu_dtype=mu_dtype)
+
+    def update_fn(
+        updates: PyTree, state: AdaptiveState, params: PyTree | None = None
+    ) -> tuple[PyTree, AdaptiveState]:
+        del params
+        state, mu_hat, nu_hat = adaptive_step(updates, state, b1, b2)
+        out = jax.tree.map(
+            lambda d, g: jnp.sign(g) * jnp.abs(d), _adam_direction(mu_hat, nu_hat, eps), updates
+        )
+        return cast_like(out, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByDiffGradState(NamedTuple):
+    """State of :func:`scale_by_diffgrad`: Adam's moments and the previous gradient."""
+
+    adaptive: AdaptiveState
+    prev_grad: PyTree
+
+
+def scale_by_diffgrad(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    amsgrad: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Rescale updates by diffGrad (Dubey et al., 2019, "diffGrad: An Optimization
+    Method for Convolutional Neural Networks").
+
+    Adam's step with the first moment damped by the friction coefficient
+    ``xi_t = sigmoid(|g_{t-1} - g_t|)``: ``xi_t * mu_hat / (sqrt(nu_hat) + eps)``,
+    with ``g_0 = 0``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.scale_by_diffgrad()
+      >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+
+    def init_fn(params: PyTree) -> ScaleByDiffGradState:
+        return ScaleByDiffGradState(
+            adaptive=init_adaptive_state(params, amsgrad=amsgrad, mu_dtype=mu_dtype),
+            prev_grad=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(
+        updates: PyTree, state: ScaleByDiffGradState, params: PyTree | None = None
+    ) -> tuple[PyTree, ScaleByDiffGradState]:
+        del params
+        adaptive, mu_hat, nu_hat = adaptive_step(updates, state.adaptive, b1, b2)
+        out = jax.tree.map(
+            lambda d, g, prev: jax.nn.sigmoid(jnp.abs(prev - g)) * d,
+            _adam_direction(mu_hat, nu_hat, eps),
+            updates,
+            state.prev_grad,
+        )
+        prev_grad = cast_like(updates, state.prev_grad)
+        return cast_like(out, updates), ScaleByDiffGradState(adaptive, prev_grad)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adam_atan2(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    a: float = 1.27,
+    b: float = 1.0,
+    *,
+    amsgrad: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Rescale updates by Adam-atan2 (Everett et al., 2024, "Scaling Exponents
+    Across Parameterizations and Optimizers", section on eps).
+
+    Replaces Adam's ``mu_hat / (sqrt(nu_hat) + eps)`` by
+    ``a * atan2(mu_hat, b * sqrt(nu_hat))``: bounded by ``a * pi / 2``,
+    scale-invariant in the gradient, and free of ``eps``.
+
+    *Defaults.* ``a=1.27, b=1`` as in the widely used reference implementation
+    (adam-atan2-pytorch), so that the step matches Adam's size where
+    ``|mu_hat| ~ sqrt(nu_hat)``; the paper's plain form is ``a=b=1``. That
+    implementation's default ``b2`` is 0.99; here it is Adam's 0.999.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.scale_by_adam_atan2()
+      >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
+    """
+    check_adam_hyperparameters(b1, b2, 0.0)
+    check_interval("a", a, 0.0, low_closed=False)
+    check_interval("b", b, 0.0, low_closed=False)
+
+    def init_fn(params: PyTree) -> AdaptiveState:
+        return init_adaptive_state(params, amsgrad=amsgrad, mu_dtype=mu_dtype)
+
+    def update_fn(
+        updates: PyTree, state: AdaptiveState, params: PyTree | None = None
+    ) -> tuple[PyTree, AdaptiveState]:
+        del params
+        state, mu_hat, nu_hat = adaptive_step(updates, state, b1, b2)
+        out = jax.tree.map(lambda m, v: a * jnp.arctan2(m, b * jnp.sqrt(v)), mu_hat, nu_hat)
+        return cast_like(out, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# AdamP
+# --------------------------------------------------------------------------
+
+
+def _rows_by_channel(x: jax.Array) -> jax.Array:
+    """View a weight as (elements per channel, channels): the channel is the last axis."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _project_if_scale_invariant(
+    param: jax.Array, grad: jax.Array, step: jax.Array, delta: Any, eps: Any
+) -> tuple[jax.Array, jax.Array]:
+    """AdamP's projection: remove the radial part of ``step`` where ``param`` looks scale-invariant.
+
+    Scale-invariance is detected per output channel first, then for the whole
+    weight: the largest |cosine(grad, param)| must be below
+    ``delta / sqrt(d)``, ``d`` the size of the vectors compared. Returns the
+    (maybe) projected step and whether a projection happened.
+    """
+    p, g, u = (_rows_by_channel(x) for x in (param, grad, step))
+
+    def cosine(axis: int | None) -> jax.Array:
+        dot = jnp.sum(g * p, axis=axis)
+        norms = jnp.maximum(jnp.linalg.norm(g, axis=axis), eps) * jnp.maximum(
+            jnp.linalg.norm(p, axis=axis), eps
+        )
+        return jnp.abs(dot / norms)
+
+    by_channel = jnp.max(cosine(0)) < delta / jnp.sqrt(p.shape[0])
+    by_layer = cosine(None) < delta / jnp.sqrt(p.size)
+    p_channel = p / (jnp.linalg.norm(p, axis=0) + eps)
+    p_layer = p / (jnp.linalg.norm(p) + eps)
+    u_channel = u - p_channel * jnp.sum(p_channel * u, axis=0)
+    u_layer = u - p_layer * jnp.sum(p_layer * u)
+    projected = jnp.where(by_channel, u_channel, jnp.where(by_layer, u_layer, u))
+    return projected.reshape(step.shape), by_channel | by_layer
+
+
+def scale_by_adamp(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+    delta: float = 0.1,
+    wd_ratio: float = 0.1,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Rescale updates by AdamP (Heo et al., 2021, "AdamP: Slowing Down the
+    Slowdown for Momentum Optimizers on Scale-invariant Weights").
+
+    Adam's step, with its radial component removed for weights that look
+    scale-invariant (see :func:`_project_if_scale_invariant`); those weights
+    also get ``wd_ratio`` times the decoupled weight decay. Because the decay
+    depends on the projection, it is part of this block (output:
+    ``step + weight_decay * ratio * param``); chain the learning rate after it.
+    Needs ``params``.
+
+    *Conventions.* Weights with two or more axes are checked; the *last* axis
+    is the output channel (Flax's ``(..., in, out)`` kernels), where PyTorch
+    code uses the first. The denominator is ``sqrt(nu_hat) + eps`` as in the
+    paper; pytorch-optimizer adds ``eps`` before the bias correction.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(varjax.scale_by_adamp(weight_decay=1e-2),
+      ...                  optax.scale_by_learning_rate(1e-3))
+      >>> params = {"kernel": jnp.ones((4, 3))}
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+    check_interval("weight_decay", weight_decay, 0.0)
+    check_interval("delta", delta, 0.0)
+    check_interval("wd_ratio", wd_ratio, 0.0)
+
+    def init_fn(params: PyTree) -> AdaptiveState:
+        return init_adaptive_state(params, amsgrad=amsgrad, mu_dtype=mu_dtype)
+
+    def update_fn(
+        updates: PyTree, state: AdaptiveState, params: PyTree | None = None
+    ) -> tuple[PyTree, AdaptiveState]:
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        state, mu_hat, nu_hat = adaptive_step(updates, state, b1, b2)
+        if nesterov:
+            grad_hat = bias_correct(updates, b1, state.count)
+            mu_hat = jax.tree.map(
+                lambda m, g: b1 * m + (1 - b1) * g,
+                bias_correct(state.mu, b1, state.count),
+                grad_hat,
+            )
+        steps = _adam_direction(mu_hat, nu_hat, eps)
+
+        def leaf(step: jax.Array, grad: jax.Array, param: jax.Array) -> jax.Array:
+            if param.ndim < 2:
+                return step + weight_decay * param
+            step, projected = _project_if_scale_invariant(param, grad, step, delta, eps)
+            return step + weight_decay * jnp.where(projected, wd_ratio, 1.0) * param
+
+        out = jax.tree.map(leaf, steps, updates, params)
+        return cast_like(out, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Cautious masking
+# --------------------------------------------------------------------------
+
+
+class CautiousState(NamedTuple):
+    """State of :func:`cautious`: the inner transform's state."""
+
+    inner_state: optax.OptState
+
+
+def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Cautious masking (Liang et al., 2024, "Cautious Optimizers: Improving
+    Training with One Line of Code") around any transform.
+
+    Entries of the inner update whose sign disagrees with the gradient are
+    zeroed, and the rest rescaled per tensor by ``n / (n_kept + 1)`` so the
+    mean step size is kept: ``u * mask * n / (sum(mask) + 1)`` with
+    ``mask = (u * g > 0)``, as in the paper's code.
+
+    ``inner`` must output the update *before* the learning rate's sign flip
+    (a ``scale_by_*`` transform such as ``optax.scale_by_adam``); chain the
+    learning rate after the wrapper.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(varjax.cautious(optax.scale_by_lion()),
+      ...                  optax.scale_by_learning_rate(1e-4))
+      >>> state = tx.init({"w": jnp.ones(3)})
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> CautiousState:
+        return CautiousState(inner_state=inner.init(params))
+
+    def update_fn(
+        updates: PyTree, state: CautiousState, params: PyTree | None = None, **extra_args: Any
+    ) -> tuple[PyTree, CautiousState]:
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        check_same_structure(updates, inner_updates, "inner transform's updates")
+
+        def mask(u: jax.Array, g: jax.Array) -> jax.Array:
+            keep = (u * g > 0).astype(u.dtype)
+            return u * keep * (keep.size / (jnp.sum(keep) + 1)).astype(u.dtype)
+
+        return jax.tree.map(mask, inner_updates, updates), CautiousState(inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
