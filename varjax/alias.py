@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import optax
 
 from varjax import rectification
@@ -86,7 +85,7 @@ def adopt(
     b2: float = 0.9999,
     eps: float = 1e-6,
     *,
-    clip_fn: Callable[[jax.Array], jax.Array] | None = rectification._quarter_power,
+    clip_exponent: float | None = 0.25,
     nesterov: bool = False,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
@@ -97,7 +96,7 @@ def adopt(
     Equal to :func:`optax.contrib.adopt` when ``weight_decay=0``.
     """
     block = rectification.scale_by_adopt(
-        b1, b2, eps, clip_fn=clip_fn, nesterov=nesterov, mu_dtype=mu_dtype
+        b1, b2, eps, clip_exponent=clip_exponent, nesterov=nesterov, mu_dtype=mu_dtype
     )
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
 

@@ -19,7 +19,6 @@ the second moment (one shared implementation in :mod:`varjax._base`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -93,9 +92,8 @@ def rectification(count: jax.Array, b2: Any, threshold: Any) -> tuple[jax.Array,
     rho = rho_inf - 2.0 * t * (1.0 - one_minus_b2_t) / one_minus_b2_t
     rectified = rho >= threshold
     safe_rho = jnp.where(rectified, rho, rho_inf)
-    r = jnp.sqrt(
-        (safe_rho - 4.0) * (safe_rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe_rho)
-    )
+    numerator = (safe_rho - 4.0) * (safe_rho - 2.0) * rho_inf
+    r = jnp.sqrt(numerator / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe_rho))
     return jnp.where(rectified, r, 0.0), rectified
 
 
@@ -260,6 +258,7 @@ def rectify(
             inner_updates,
             not_rectified,
         )
+        inner_state = cast_like(inner_state, state.inner_state)
         return cast_like(out, updates), RectifyState(count=count, inner_state=inner_state, mu=mu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -278,16 +277,12 @@ class ScaleByAdoptState(NamedTuple):
     nu: PyTree
 
 
-def _quarter_power(count: jax.Array) -> jax.Array:
-    return jnp.asarray(count, jnp.float32) ** 0.25
-
-
 def scale_by_adopt(
     b1: float = 0.9,
     b2: float = 0.9999,
     eps: float = 1e-6,
     *,
-    clip_fn: Callable[[jax.Array], jax.Array] | None = _quarter_power,
+    clip_exponent: float | None = 0.25,
     nesterov: bool = False,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -301,16 +296,18 @@ def scale_by_adopt(
     initialises ``v_0 = g_0^2`` and returns a zero update. Equal to
     :func:`optax.contrib.scale_by_adopt`.
 
-    *Clip convention.* ``c_t = clip_fn(t)`` with ``t`` the number of steps
-    before this one, so the first real update uses ``c_1 = 1`` (the paper's
-    Algorithm 2 and Optax). The official code and pytorch-optimizer call their
-    ``clip_lambda`` with ``t + 1``.
+    *Clip convention.* ``c_t = t ** clip_exponent`` with ``t`` the number of
+    steps before this one, so the first real update uses ``c_1 = 1`` (the
+    paper's Algorithm 2 and Optax). The official code and pytorch-optimizer
+    evaluate their ``clip_lambda`` at ``t + 1``. The clip is given by its
+    exponent rather than a function so that it stays a number under
+    ``optax.inject_hyperparams``.
 
     Args:
       b1: momentum decay, in [0, 1).
       b2: second-moment decay, in [0, 1).
       eps: lower bound of ``sqrt(v)``, >= 0.
-      clip_fn: the clip value as a function of the step, or ``None`` for no clip.
+      clip_exponent: the clip value is ``t ** clip_exponent``; ``None`` for no clip.
       nesterov: use Nesterov momentum (as Optax does).
       mu_dtype: dtype of the momentum; ``None`` keeps the parameters' dtype.
 
@@ -322,6 +319,7 @@ def scale_by_adopt(
       Array([0., 0.], dtype=float32)
     """
     check_adam_hyperparameters(b1, b2, eps)
+    check_interval("clip_exponent", clip_exponent, 0.0)
 
     def init_fn(params: PyTree) -> ScaleByAdoptState:
         return ScaleByAdoptState(
@@ -339,8 +337,8 @@ def scale_by_adopt(
 
         def normalise(g: jax.Array, v: jax.Array) -> jax.Array:
             n = g / jnp.maximum(jnp.sqrt(v), eps)
-            if clip_fn is not None:
-                c = clip_fn(state.count)
+            if clip_exponent is not None:
+                c = jnp.asarray(state.count, jnp.float32) ** clip_exponent
                 n = jnp.clip(n, -c, c)
             return jnp.where(first, jnp.zeros_like(n), n)
 
@@ -654,6 +652,7 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
             keep = (u * g > 0).astype(u.dtype)
             return u * keep * (keep.size / (jnp.sum(keep) + 1)).astype(u.dtype)
 
+        inner_state = cast_like(inner_state, state.inner_state)
         return jax.tree.map(mask, inner_updates, updates), CautiousState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

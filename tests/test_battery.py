@@ -1,0 +1,342 @@
+"""The shared battery every public varjax optimizer and building block must pass.
+
+A new optimizer joins by one line in ``CASES``: a name, a factory taking
+``learning_rate`` and keyword hyper-parameters, the learning rate the
+minimisation checks use, and the (argument, bad value) pairs that must raise
+``ValueError`` naming the argument.
+
+Checked for each case: it minimises a convex quadratic and the Rosenbrock
+function (with schedules as learning rates); jit and no-jit
+agree; nested pytrees with a scalar, a size-1 leaf, an odd size, a bfloat16
+leaf, and the empty tree work and keep each leaf's dtype; it works inside
+``optax.inject_hyperparams``, ``optax.MultiSteps`` and ``optax.masked``; its
+state survives an Orbax save/restore with a bit-identical continuation; a
+gradient tree that does not match the state raises ``ValueError``; bad
+hyper-parameters raise ``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import varjax
+
+
+def with_rate(block: Callable[..., optax.GradientTransformation]) -> Callable[..., Any]:
+    """A building block followed by the learning rate, as a factory of named arguments."""
+
+    def factory(learning_rate: Any, **kwargs: Any) -> optax.GradientTransformation:
+        return optax.chain(block(**kwargs), optax.scale_by_learning_rate(learning_rate))
+
+    return factory
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[..., optax.GradientTransformation]
+    learning_rate: float = 0.1
+    bad: tuple[tuple[str, Any], ...] = ()
+
+    def build(self, learning_rate: Any = None, **kwargs: Any) -> optax.GradientTransformation:
+        rate = self.learning_rate if learning_rate is None else learning_rate
+        return self.make(learning_rate=rate, **kwargs)
+
+
+ADAM_BAD = (("b1", 1.0), ("b2", -0.1), ("eps", -1e-8), ("learning_rate", -1.0))
+BLOCK_BAD = (("b1", 1.5), ("b2", 1.0), ("eps", -1.0))
+
+CASES = [
+    Case("radam", varjax.radam, bad=(*ADAM_BAD, ("threshold", 3.0), ("weight_decay", -1.0))),
+    Case("radam_amsgrad", lambda **kw: varjax.radam(amsgrad=True, **kw), 0.2, ADAM_BAD),
+    Case("adopt", varjax.adopt, 0.2, bad=(*ADAM_BAD, ("clip_exponent", -1.0))),
+    Case("grams", varjax.grams, bad=ADAM_BAD),
+    Case("diffgrad", varjax.diffgrad, bad=ADAM_BAD),
+    Case("adamp", varjax.adamp, bad=(*ADAM_BAD, ("delta", -0.1), ("wd_ratio", -1.0))),
+    Case("adam_atan2", varjax.adam_atan2, bad=(("b1", 1.0), ("a", 0.0), ("b", -1.0))),
+    Case("cautious_adamw", varjax.cautious_adamw, bad=ADAM_BAD),
+    Case("scale_by_radam", with_rate(varjax.scale_by_radam), bad=(*BLOCK_BAD, ("eps_root", -1))),
+    Case("scale_by_adopt", with_rate(varjax.scale_by_adopt), 0.2, bad=BLOCK_BAD),
+    Case("scale_by_grams", with_rate(varjax.scale_by_grams), bad=BLOCK_BAD),
+    Case("scale_by_diffgrad", with_rate(varjax.scale_by_diffgrad), bad=BLOCK_BAD),
+    Case("scale_by_adamp", with_rate(varjax.scale_by_adamp), bad=BLOCK_BAD),
+    Case("scale_by_adam_atan2", with_rate(varjax.scale_by_adam_atan2), bad=(("b2", 1.0),)),
+    Case(
+        "rectify_adam",
+        with_rate(lambda **kw: varjax.rectify(optax.scale_by_adam(), **kw)),
+        bad=(("b1", -0.5), ("b2", 1.0), ("threshold", 0.0), ("fallback", "adam")),
+    ),
+    Case(
+        "rectify_diffgrad_sgd",
+        with_rate(lambda **kw: varjax.rectify(varjax.scale_by_diffgrad(), fallback="sgd", **kw)),
+    ),
+    Case(
+        "cautious_lion",
+        with_rate(lambda **kw: varjax.cautious(optax.scale_by_lion(**kw))),
+    ),
+]
+
+CASE_IDS = [case.name for case in CASES]
+BAD_ARGS = [
+    pytest.param(case, arg, value, id=f"{case.name}-{arg}")
+    for case in CASES
+    for arg, value in case.bad
+]
+
+
+def schedule(case: Case, steps: int) -> optax.Schedule:
+    """Linear warm-up over 100 steps, then cosine decay.
+
+    The warm-up matters for RAdam, whose first steps are un-adapted momentum:
+    at a learning rate sized for adaptive steps they diverge on Rosenbrock's
+    steep walls.
+    """
+    return optax.warmup_cosine_decay_schedule(0.0, case.learning_rate, 100, steps)
+
+
+def run(tx: optax.GradientTransformation, grad_fn, params, steps: int, jit: bool = True):
+    """Apply ``steps`` updates of ``tx`` with gradients from ``grad_fn(params, step)``."""
+
+    def step(carry, i):
+        params, state = carry
+        updates, state = tx.update(grad_fn(params, i), state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    carry = (params, tx.init(params))
+    if jit:
+        carry, _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(steps)))(carry)
+    else:
+        for i in range(steps):
+            carry, _ = step(carry, jnp.asarray(i))
+    return carry
+
+
+def random_grads(seed: int = 0) -> Callable[[Any, jax.Array], Any]:
+    """Deterministic pseudo-random gradients shaped and typed like the params."""
+
+    def grad_fn(params, step):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), len(leaves) + 1)
+        noise = [
+            (jax.random.normal(k, jnp.shape(p)) + 0.1 * p).astype(jnp.result_type(p))
+            for k, p in zip(keys, leaves, strict=False)
+        ]
+        return jax.tree.unflatten(treedef, noise)
+
+    return grad_fn
+
+
+def nested_params() -> dict:
+    return {
+        "dense": {"kernel": jnp.full((7, 5), 0.3), "bias": jnp.zeros(5)},
+        "scalar": jnp.asarray(1.5),
+        "size_one": jnp.ones((1,)),
+        "odd": jnp.linspace(-1.0, 1.0, 1001),
+        "half": jnp.ones((4, 3), jnp.bfloat16),
+        "layers": [jnp.ones((3, 2)), (jnp.arange(6.0).reshape(2, 3),)],
+    }
+
+
+def assert_trees_close(a, b, rtol: float = 1e-5) -> None:
+    """Leaf-wise closeness; bfloat16 leaves may differ by a couple of their ulps."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        tol = 2e-2 if x.dtype == jnp.bfloat16 else rtol
+        np.testing.assert_allclose(np.float64(x), np.float64(y), rtol=tol, atol=tol)
+
+
+def assert_trees_equal(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x, np.float64), np.asarray(y, np.float64))
+
+
+# --------------------------------------------------------------------------
+# Minimisation
+# --------------------------------------------------------------------------
+
+
+def _quadratic():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    a = jnp.asarray(q @ np.diag(np.linspace(1.0, 10.0, 8)) @ q.T, jnp.float32)
+    b = jnp.asarray(rng.normal(size=8), jnp.float32)
+    x_star = jnp.linalg.solve(a, b)
+
+    def loss(p):
+        x = p["x"]
+        return 0.5 * x @ a @ x - b @ x
+
+    return loss, {"x": jnp.zeros(8)}, loss({"x": x_star})
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_minimizes_convex_quadratic(case: Case) -> None:
+    loss, params, optimum = _quadratic()
+    steps = 1500
+    tx = case.build(schedule(case, steps))
+    params, _ = run(tx, lambda p, _: jax.grad(loss)(p), params, steps)
+    gap0, gap = loss({"x": jnp.zeros(8)}) - optimum, loss(params) - optimum
+    assert gap < 1e-3 * gap0, (float(gap), float(gap0))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_minimizes_rosenbrock(case: Case) -> None:
+    def loss(p):
+        return (1.0 - p["x"]) ** 2 + 100.0 * (p["y"] - p["x"] ** 2) ** 2
+
+    steps = 10_000
+    start = {"x": -1.0, "y": 1.5}  # loss 29.0
+    params, _ = run(case.build(schedule(case, steps)), lambda p, _: jax.grad(loss)(p), start, steps)
+    assert loss(params) < 1e-2, params
+
+
+# --------------------------------------------------------------------------
+# Trees, dtypes, jit
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_jit_matches_no_jit(case: Case) -> None:
+    tx = case.build()
+    with_jit, _ = run(tx, random_grads(), nested_params(), 4, jit=True)
+    without, _ = run(tx, random_grads(), nested_params(), 4, jit=False)
+    assert_trees_close(with_jit, without)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_nested_tree_keeps_dtypes(case: Case) -> None:
+    tx = case.build()
+    params = nested_params()
+    state = tx.init(params)
+    grads = random_grads()(params, 0)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+        assert u.dtype == p.dtype and u.shape == p.shape
+    new_params, new_state = run(tx, random_grads(), params, 5)
+    for leaf in jax.tree.leaves((new_params, new_state)):
+        assert jnp.all(jnp.isfinite(leaf))
+    # the state keeps its dtypes from step to step (no silent promotion)
+    assert jax.tree.map(jnp.result_type, new_state) == jax.tree.map(
+        jnp.result_type, tx.init(params)
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_empty_tree(case: Case) -> None:
+    tx = case.build()
+    state = tx.init({})
+    updates, _ = tx.update({}, state, {})
+    assert updates == {}
+
+
+# --------------------------------------------------------------------------
+# Optax wrappers
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_inject_hyperparams(case: Case) -> None:
+    plain = case.build()
+    injected = optax.inject_hyperparams(lambda learning_rate: case.build(learning_rate))(
+        learning_rate=case.learning_rate
+    )
+    a, _ = run(plain, random_grads(), nested_params(), 3)
+    b, state = run(injected, random_grads(), nested_params(), 3)
+    assert_trees_close(a, b)
+    assert np.isclose(state.hyperparams["learning_rate"], case.learning_rate)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_multi_steps_equals_mean_gradient(case: Case) -> None:
+    params = {"w": jnp.linspace(-1.0, 1.0, 6), "m": jnp.full((3, 2), 0.5)}
+    grads = [random_grads(seed)(params, 0) for seed in range(4)]
+    multi = optax.MultiSteps(case.build(), every_k_schedule=2)
+    plain = case.build()
+    multi_state, plain_state = multi.init(params), plain.init(params)
+    for k in range(2):
+        first, second = grads[2 * k], grads[2 * k + 1]
+        skipped, multi_state = multi.update(first, multi_state, params)
+        assert all(jnp.all(leaf == 0) for leaf in jax.tree.leaves(skipped))
+        applied, multi_state = multi.update(second, multi_state, params)
+        mean = jax.tree.map(lambda a, b: (a + b) / 2, first, second)
+        expected, plain_state = plain.update(mean, plain_state, params)
+        for x, y in zip(jax.tree.leaves(applied), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_masked(case: Case) -> None:
+    params = {"trained": jnp.linspace(-1.0, 1.0, 6), "frozen": jnp.ones((2, 3))}
+    masked = optax.masked(case.build(), {"trained": True, "frozen": False})
+    alone = case.build()
+    grads = random_grads()(params, 0)
+    updates, _ = masked.update(grads, masked.init(params), params)
+    expected, _ = alone.update(
+        {"trained": grads["trained"]},
+        alone.init({"trained": params["trained"]}),
+        {"trained": params["trained"]},
+    )
+    np.testing.assert_array_equal(updates["frozen"], grads["frozen"])
+    np.testing.assert_allclose(updates["trained"], expected["trained"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Checkpoints and errors
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_orbax_restore_continues_bit_identically(case: Case, tmp_path) -> None:
+    tx = case.build()
+    grad_fn = random_grads()
+    params, state = run(tx, grad_fn, nested_params(), 3)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "state", {"params": params, "opt_state": state})
+    checkpointer.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state})
+    restored = checkpointer.restore(tmp_path / "state", target)
+    assert_trees_equal(restored["opt_state"], state)
+
+    update = jax.jit(tx.update)
+
+    def continue_from(params, state):
+        for i in range(3, 6):
+            updates, state = update(grad_fn(params, i), state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    assert_trees_equal(
+        continue_from(params, state), continue_from(restored["params"], restored["opt_state"])
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_mismatched_tree_raises(case: Case) -> None:
+    tx = case.build()
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    state = tx.init(params)
+    wrong_keys = {"a": jnp.ones(3), "c": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match=r"(?i)structure|mismatch|key"):
+        tx.update(wrong_keys, state, wrong_keys)
+    wrong_shape = {"a": jnp.ones(4), "b": jnp.ones((2, 2))}
+    with pytest.raises((ValueError, TypeError), match=r"(?i)shape"):
+        tx.update(wrong_shape, state, params)
+
+
+@pytest.mark.parametrize(("case", "arg", "value"), BAD_ARGS)
+def test_bad_hyperparameter_raises(case: Case, arg: str, value: Any) -> None:
+    kwargs = {} if arg == "learning_rate" else {arg: value}
+    rate = value if arg == "learning_rate" else case.learning_rate
+    with pytest.raises(ValueError, match=arg):
+        case.make(learning_rate=rate, **kwargs)
