@@ -1,0 +1,76 @@
+"""The shared pieces in varjax._base: validation, tree checks, schedules, moments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from varjax import _base
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"value": 1.0, "low": 0.0, "high": 1.0, "high_closed": False},
+            r"b1 must be in \[0.0, 1.0\)",
+        ),
+        ({"value": 0.0, "low": 0.0, "low_closed": False}, r"b1 must be in \(0.0, inf\]"),
+        ({"value": float("nan"), "low": 0.0}, "b1 must be in"),
+        ({"value": jnp.asarray(-1.0), "low": 0.0}, "got Array"),
+    ],
+)
+def test_check_interval_rejects(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _base.check_interval("b1", **kwargs)
+
+
+def test_check_interval_accepts_bounds_schedules_and_tracers() -> None:
+    _base.check_interval("b1", 0.0, 0.0, 1.0)
+    _base.check_interval("b1", 1.0, 0.0, 1.0)
+    _base.check_interval("learning_rate", optax.constant_schedule(-1.0), 0.0)
+    jax.jit(lambda x: _base.check_interval("b1", x, 0.0, 1.0) or x)(jnp.asarray(5.0))
+
+
+def test_check_same_structure_names_both_structures() -> None:
+    state = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"gradients have structure .*'c'.* has structure .*'b'"):
+        _base.check_same_structure({"a": jnp.ones(2), "c": jnp.ones(3)}, state, "optimizer state")
+    with pytest.raises(
+        ValueError, match=r"\['b'\] has shape \(4,\), the optimizer state has shape \(3,\)"
+    ):
+        _base.check_same_structure({"a": jnp.ones(2), "b": jnp.ones(4)}, state, "optimizer state")
+
+
+def test_resolve_schedule_and_constant() -> None:
+    schedule = optax.linear_schedule(1.0, 0.0, 10)
+    assert float(_base.resolve(schedule, jnp.asarray(5))) == pytest.approx(0.5)
+    assert _base.resolve(0.3, jnp.asarray(5)) == 0.3
+
+
+def test_moments_match_their_formulas_and_keep_dtype() -> None:
+    g = {"x": jnp.asarray([1.0, -2.0]), "h": jnp.asarray([3.0], jnp.bfloat16)}
+    m = {"x": jnp.asarray([0.5, 0.5]), "h": jnp.asarray([1.0], jnp.bfloat16)}
+    new = _base.ema(g, m, 0.9)
+    np.testing.assert_allclose(new["x"], [0.9 * 0.5 + 0.1 * 1.0, 0.9 * 0.5 - 0.1 * 2.0], rtol=1e-6)
+    squared = _base.ema_squared(g, m, 0.9)
+    np.testing.assert_allclose(squared["x"], [0.45 + 0.1, 0.45 + 0.4], rtol=1e-6)
+    assert new["h"].dtype == squared["h"].dtype == jnp.bfloat16
+    # 1 - 0.999 ** 1 would round to 0 in bfloat16; the correction is computed in float32
+    corrected = _base.bias_correct(m, 0.999, jnp.asarray(1))
+    np.testing.assert_allclose(np.float32(corrected["h"]), [1000.0], rtol=1e-2)
+    assert corrected["h"].dtype == jnp.bfloat16
+
+
+def test_adaptive_step_amsgrad_keeps_running_max() -> None:
+    params = {"x": jnp.zeros(2)}
+    state = _base.init_adaptive_state(params, amsgrad=True)
+    state, _, first = _base.adaptive_step({"x": jnp.asarray([4.0, 0.0])}, state, 0.9, 0.999)
+    state, _, second = _base.adaptive_step({"x": jnp.asarray([0.0, 1.0])}, state, 0.9, 0.999)
+    np.testing.assert_allclose(first["x"], [16.0, 0.0], rtol=1e-4)  # 0.999 in float32
+    assert second["x"][0] == first["x"][0]  # the max holds although nu_hat fell
+    assert 0.0 < second["x"][1] < 1.0
+    assert int(state.count) == 2
