@@ -625,7 +625,8 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     Entries of the inner update whose sign disagrees with the gradient are
     zeroed, and the rest rescaled per tensor by ``n / (n_kept + 1)`` so the
     mean step size is kept: ``u * mask * n / (sum(mask) + 1)`` with
-    ``mask = (u * g > 0)``, as in the paper's code.
+    ``mask = (u * g > 0)``, as in the paper's code and pytorch-optimizer (timm
+    divides by ``mean(mask)`` instead).
 
     ``inner`` must output the update *before* the learning rate's sign flip
     (a ``scale_by_*`` transform such as ``optax.scale_by_adam``); chain the
@@ -649,7 +650,8 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
         check_same_structure(updates, inner_updates, "inner transform's updates")
 
         def mask(u: jax.Array, g: jax.Array) -> jax.Array:
-            keep = (u * g > 0).astype(u.dtype)
+            # sign product, not u * g > 0: the product of tiny values underflows to 0
+            keep = (jnp.sign(u) * jnp.sign(g) > 0).astype(u.dtype)
             return u * keep * (keep.size / (jnp.sum(keep) + 1)).astype(u.dtype)
 
         inner_state = cast_like(inner_state, state.inner_state)
