@@ -1,0 +1,236 @@
+"""Step time and state memory of varjax optimizers against their Optax counterparts.
+
+For each pair, one jitted function does ``tx.update`` and ``optax.apply_updates``
+on a pytree of transformer-like shapes (embedding, attention and MLP kernels,
+layer-norm scales and biases). Both are compiled first, then timed in
+interleaved rounds (varjax, baseline, varjax, ...) so that drift in the
+machine's speed hits both alike; each round times ``--steps`` steps, and the
+table reports the median per-step time over ``--repeats`` rounds and the ratio
+of the medians. State bytes per parameter count every leaf of the state.
+
+Rerun (from the repository root):
+
+    JAX_PLATFORMS=cpu python benchmarks/step_time.py          # CPU
+    python benchmarks/step_time.py --params 100_000_000       # on a GPU machine
+
+Results go to ``benchmarks/results/step_time_<platform>.{md,json}`` with a
+description of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import varjax
+
+LR = 1e-3
+
+# (name, varjax optimizer, baseline name, baseline optimizer): one line per optimizer.
+PAIRS: list[tuple[str, Callable[[], Any], str, Callable[[], Any]]] = [
+    ("radam", lambda: varjax.radam(LR), "optax.radam", lambda: optax.radam(LR)),
+    ("adopt", lambda: varjax.adopt(LR), "optax.contrib.adopt", lambda: optax.contrib.adopt(LR)),
+    ("grams", lambda: varjax.grams(LR), "optax.adam", lambda: optax.adam(LR)),
+    ("diffgrad", lambda: varjax.diffgrad(LR), "optax.adam", lambda: optax.adam(LR)),
+    ("adamp", lambda: varjax.adamp(LR), "optax.adam", lambda: optax.adam(LR)),
+    ("adam_atan2", lambda: varjax.adam_atan2(LR), "optax.adam", lambda: optax.adam(LR)),
+    ("cautious_adamw", lambda: varjax.cautious_adamw(LR), "optax.adamw", lambda: optax.adamw(LR)),
+    (
+        "radam(amsgrad)",
+        lambda: varjax.radam(LR, amsgrad=True),
+        "optax.amsgrad",
+        lambda: optax.amsgrad(LR),
+    ),
+]
+
+
+def transformer_shapes(d_model: int, layers: int, vocab: int = 32_000) -> dict[str, tuple]:
+    """Shapes of a decoder-only transformer's parameters (Flax ``(in, out)`` kernels)."""
+    shapes: dict[str, tuple] = {"embed": (vocab, d_model), "final_norm": (d_model,)}
+    for i in range(layers):
+        shapes |= {
+            f"layer{i}/norm1": (d_model,),
+            f"layer{i}/qkv": (d_model, 3 * d_model),
+            f"layer{i}/qkv_bias": (3 * d_model,),
+            f"layer{i}/out": (d_model, d_model),
+            f"layer{i}/norm2": (d_model,),
+            f"layer{i}/mlp_in": (d_model, 4 * d_model),
+            f"layer{i}/mlp_bias": (4 * d_model,),
+            f"layer{i}/mlp_out": (4 * d_model, d_model),
+        }
+    return shapes
+
+
+def shapes_for(target: int) -> dict[str, tuple]:
+    """The transformer with ``layers = d_model / 64`` whose size is closest to ``target``."""
+    best = None
+    for d_model in range(64, 8193, 64):
+        shapes = transformer_shapes(d_model, max(1, d_model // 64), vocab=min(32_000, 8 * d_model))
+        size = sum(int(np.prod(s)) for s in shapes.values())
+        if best is None or abs(size - target) < abs(best[0] - target):
+            best = (size, shapes)
+    return best[1]
+
+
+def make_tree(shapes: dict[str, tuple], seed: int) -> dict[str, jax.Array]:
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return {
+        name: 0.02 * jax.random.normal(key, shape)
+        for key, (name, shape) in zip(keys, shapes.items(), strict=True)
+    }
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+class Runner:
+    """A compiled training step of one optimizer, with its own params and state."""
+
+    def __init__(self, tx: optax.GradientTransformation, params: Any, grads: Any) -> None:
+        self.params = jax.tree.map(jnp.copy, params)
+        self.state = tx.init(self.params)
+        self.grads = grads
+
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        self.step = jax.jit(step, donate_argnums=(0, 1))
+        self.state_bytes = tree_bytes(self.state)
+        self.run(2)  # compile and warm up
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.params, self.state = self.step(self.params, self.state, self.grads)
+        jax.block_until_ready((self.params, self.state))
+        return (time.perf_counter() - start) / steps
+
+
+def measure(pair, params, grads, repeats: int, steps: int) -> dict[str, Any]:
+    name, make, base_name, make_base = pair
+    ours, base = Runner(make(), params, grads), Runner(make_base(), params, grads)
+    times: dict[str, list[float]] = {"varjax": [], "baseline": []}
+    for _ in range(repeats):
+        times["varjax"].append(ours.run(steps))
+        times["baseline"].append(base.run(steps))
+    n = sum(x.size for x in jax.tree.leaves(params))
+    ms, base_ms = (1e3 * statistics.median(times[k]) for k in ("varjax", "baseline"))
+    return {
+        "optimizer": name,
+        "baseline": base_name,
+        "varjax_ms": ms,
+        "baseline_ms": base_ms,
+        "ratio": ms / base_ms,
+        "varjax_state_bytes_per_param": ours.state_bytes / n,
+        "baseline_state_bytes_per_param": base.state_bytes / n,
+        "raw_seconds": times,
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "varjax": varjax.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def to_markdown(info: dict[str, Any], n_params: int, rows: list[dict], args) -> str:
+    lines = [
+        "# Step time: varjax vs Optax",
+        "",
+        f"- machine: {info['platform']} / {info['device']} / {info['cpu']} / {info['cores']} cores",
+        f"- software: jax {info['jax']}, optax {info['optax']}, varjax {info['varjax']}",
+        f"- {n_params:,} parameters (transformer-like shapes, float32), "
+        f"median of {args.repeats} interleaved rounds of {args.steps} steps, {info['date']}",
+        "- time: one jitted `update` + `apply_updates`; ratio = varjax / baseline",
+        "",
+        "| optimizer | baseline | varjax ms/step | baseline ms/step | ratio | "
+        "state B/param (varjax) | state B/param (baseline) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['optimizer']} | {r['baseline']} | {r['varjax_ms']:.3f} | "
+            f"{r['baseline_ms']:.3f} | {r['ratio']:.3f} | "
+            f"{r['varjax_state_bytes_per_param']:.2f} | {r['baseline_state_bytes_per_param']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--params", type=float, default=10e6, help="target parameter count")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--only", default="", help="comma-separated optimizer names")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result files")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    shapes = shapes_for(int(args.params))
+    params, grads = make_tree(shapes, 0), make_tree(shapes, 1)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+    pairs = [p for p in PAIRS if not wanted or p[0] in wanted]
+    info = machine()
+    print(f"{n_params:,} parameters on {info['platform']} ({info['device']})", flush=True)
+    rows = []
+    for pair in pairs:
+        rows.append(measure(pair, params, grads, args.repeats, args.steps))
+        r = rows[-1]
+        print(
+            f"  {r['optimizer']:<16} {r['varjax_ms']:9.3f} ms  {r['baseline']:<20} "
+            f"{r['baseline_ms']:9.3f} ms  ratio {r['ratio']:.3f}",
+            flush=True,
+        )
+    table = to_markdown(info, n_params, rows, args)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"step_time_{info['platform']}{args.tag}"
+    (args.out / f"{stem}.md").write_text(table)
+    record = {
+        "machine": info,
+        "n_params": n_params,
+        "rows": rows,
+        "args": vars(args) | {"out": str(args.out)},
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

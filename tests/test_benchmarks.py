@@ -1,0 +1,24 @@
+"""The benchmark scripts run end to end at a tiny size (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_step_time_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--params", "2e4"]
+    command += ["--repeats", "1", "--steps", "1", "--only", "radam,adamp", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads(next(tmp_path.glob("step_time_*.json")).read_text())
+    assert [row["optimizer"] for row in record["rows"]] == ["radam", "adamp"]
+    assert all(row["ratio"] > 0 for row in record["rows"])
+    # mu and nu in float32, plus the 4-byte step count
+    assert record["rows"][0]["varjax_state_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)
+    assert "| radam | optax.radam |" in next(tmp_path.glob("step_time_*.md")).read_text()
