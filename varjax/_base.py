@@ -31,7 +31,9 @@ __all__ = [
     "ema",
     "ema_squared",
     "init_adaptive_state",
+    "one_minus_power",
     "resolve",
+    "scalar_float",
     "zero_count",
 ]
 
@@ -150,13 +152,33 @@ def ema_squared(updates: PyTree, moments: PyTree, decay: Any) -> PyTree:
     )
 
 
+def scalar_float(value: Any) -> Array:
+    """A scalar in JAX's default float: float32, or float64 under ``jax_enable_x64``."""
+    return jnp.asarray(value, jnp.result_type(float))
+
+
+def one_minus_power(decay: Any, count: Array) -> Array:
+    """``1 - decay**count`` without cancellation, as ``-expm1(count * log(decay))``.
+
+    With ``decay`` a Python float its logarithm is taken on the host in float64;
+    ``1 - 0.999**1`` computed directly in float32 is off by about 1e-5 relative.
+    """
+    t = scalar_float(count)
+    if isinstance(decay, (int, float)):
+        if decay == 0:
+            return jnp.ones_like(t)
+        return -jnp.expm1(t * math.log(decay))
+    return -jnp.expm1(t * jnp.log(scalar_float(decay)))
+
+
 def bias_correct(moments: PyTree, decay: Any, count: Array) -> PyTree:
     """Adam's bias correction ``m / (1 - decay**count)``.
 
-    ``1 - decay**count`` is computed in float32 at least (in bfloat16 it rounds
-    to zero for small counts) and the division happens in each moment's dtype.
+    The correction is computed in float32 or wider by :func:`one_minus_power`
+    (in bfloat16 it would round to zero for small counts) and the division happens
+    in each moment's dtype.
     """
-    correction = 1 - jnp.asarray(decay, jnp.float32) ** count
+    correction = one_minus_power(decay, count)
     return jax.tree.map(lambda m: m / correction.astype(m.dtype), moments)
 
 

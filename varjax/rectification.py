@@ -37,6 +37,7 @@ from varjax._base import (
     ema,
     ema_squared,
     init_adaptive_state,
+    scalar_float,
     zero_count,
 )
 
@@ -62,6 +63,16 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
+def _coth_minus_inverse(y: Any) -> jax.Array:
+    """``coth(y) - 1/y`` without cancellation (a Taylor series below 0.5)."""
+    y = scalar_float(y)
+    y2 = y * y
+    series = y / 3 - y * y2 / 45 + 2 * y * y2**2 / 945 - y * y2**3 / 4725 + 2 * y * y2**4 / 93555
+    small = y < 0.5
+    safe = jnp.where(small, 1.0, y)
+    return jnp.where(small, series, 1 / jnp.tanh(safe) - 1 / safe)
+
+
 def rectification(count: jax.Array, b2: Any, threshold: Any) -> tuple[jax.Array, jax.Array]:
     """RAdam's rectification term ``r_t`` and whether it applies at step ``count``.
 
@@ -77,19 +88,26 @@ def rectification(count: jax.Array, b2: Any, threshold: Any) -> tuple[jax.Array,
       threshold: smallest ``rho_t`` at which the adaptive step is used.
 
     Returns:
-      ``(r_t, rectified)``: float32 scalars; ``r_t`` is 0 where not rectified.
+      ``(r_t, rectified)``: scalars (float32, or float64 under ``jax_enable_x64``);
+      ``r_t`` is 0 where not rectified.
     """
-    t = jnp.asarray(count, jnp.float32)
+    t = scalar_float(count)
     if isinstance(b2, (int, float)):  # host float64: exact rho_inf and log(b2)
         rho_inf = 2.0 / (1.0 - b2) - 1.0
-        log_b2 = math.log(b2) if b2 > 0 else -math.inf
+        lam = -math.log(b2) if b2 > 0 else math.inf
     else:
-        b2 = jnp.asarray(b2, jnp.float32)
+        b2 = scalar_float(b2)
         rho_inf = 2.0 / (1.0 - b2) - 1.0
-        log_b2 = jnp.log(b2)
-    # 1 - b2^t as -expm1(t log b2): no cancellation for small t (1 - b2).
-    one_minus_b2_t = -jnp.expm1(t * log_b2)
-    rho = rho_inf - 2.0 * t * (1.0 - one_minus_b2_t) / one_minus_b2_t
+        lam = -jnp.log(b2)
+    # With b2 = exp(-lam): rho_t = rho_inf - 2 t / expm1(lam t). For lam t < 1 the
+    # two terms nearly cancel in float32; there rho_inf = coth(lam / 2) and
+    # 2 t / expm1(lam t) = t (coth(lam t / 2) - 1), and writing coth(y) = 1/y + f(y)
+    # the 2 / lam parts cancel exactly: rho_t = t + f(lam / 2) - t f(lam t / 2).
+    x = lam * t
+    early = x < 1.0
+    rho_early = t + _coth_minus_inverse(lam / 2) - t * _coth_minus_inverse(jnp.minimum(x, 1.0) / 2)
+    rho_late = rho_inf - 2.0 * t / jnp.expm1(jnp.maximum(x, 1.0))
+    rho = jnp.where(early, rho_early, rho_late)
     rectified = rho >= threshold
     safe_rho = jnp.where(rectified, rho, rho_inf)
     numerator = (safe_rho - 4.0) * (safe_rho - 2.0) * rho_inf
@@ -338,15 +356,17 @@ def scale_by_adopt(
         def normalise(g: jax.Array, v: jax.Array) -> jax.Array:
             n = g / jnp.maximum(jnp.sqrt(v), eps)
             if clip_exponent is not None:
-                c = jnp.asarray(state.count, jnp.float32) ** clip_exponent
+                c = scalar_float(state.count) ** clip_exponent
                 n = jnp.clip(n, -c, c)
             return jnp.where(first, jnp.zeros_like(n), n)
 
         normalised = jax.tree.map(normalise, updates, state.nu)
-        mu = jax.tree.map(
-            lambda new, old: jnp.where(first, old, new), ema(normalised, state.mu, b1), state.mu
+        mu = optax.tree.where(first, state.mu, ema(normalised, state.mu, b1))
+        # decays stay Python floats where possible: 1 - b2 in float32 from a traced
+        # b2 = 0.9999 is off by ~6e-4 relative
+        nu = optax.tree.where(
+            first, ema_squared(updates, state.nu, 0.0), ema_squared(updates, state.nu, b2)
         )
-        nu = ema_squared(updates, state.nu, jnp.where(first, 0.0, b2))
         out = ema(normalised, mu, b1) if nesterov else mu
         new_state = ScaleByAdoptState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
         return cast_like(out, updates), new_state
@@ -504,38 +524,36 @@ def scale_by_adam_atan2(
 # --------------------------------------------------------------------------
 
 
-def _rows_by_channel(x: jax.Array) -> jax.Array:
-    """View a weight as (elements per channel, channels): the channel is the last axis."""
-    return x.reshape(-1, x.shape[-1])
-
-
 def _project_if_scale_invariant(
     param: jax.Array, grad: jax.Array, step: jax.Array, delta: Any, eps: Any
 ) -> tuple[jax.Array, jax.Array]:
     """AdamP's projection: remove the radial part of ``step`` where ``param`` looks scale-invariant.
 
-    Scale-invariance is detected per output channel first, then for the whole
-    weight: the largest |cosine(grad, param)| must be below
-    ``delta / sqrt(d)``, ``d`` the size of the vectors compared. Returns the
-    (maybe) projected step and whether a projection happened.
+    Scale-invariance is detected per output channel (the last axis) first, then
+    for the whole weight: the largest ``|cosine(grad, param)|`` must be below
+    ``delta / sqrt(d)``, ``d`` the size of the vectors compared. The projection
+    ``step - p_hat <p_hat, step>`` with ``p_hat = param / (|param| + eps)`` is
+    ``step - param * <param, step> / (|param| + eps)^2``, per channel or for the
+    whole weight. All it needs are four per-channel sums (the whole weight's are
+    their totals), so it costs one reduction pass and one elementwise pass.
+    Returns the (maybe) projected step and whether a projection happened.
     """
-    p, g, u = (_rows_by_channel(x) for x in (param, grad, step))
+    axes = tuple(range(param.ndim - 1))
+    g_dot_p, g_sq, p_sq, p_dot_u = (
+        jnp.sum(a * b, axis=axes)
+        for a, b in ((grad, param), (grad, grad), (param, param), (param, step))
+    )
 
-    def cosine(axis: int | None) -> jax.Array:
-        dot = jnp.sum(g * p, axis=axis)
-        norms = jnp.maximum(jnp.linalg.norm(g, axis=axis), eps) * jnp.maximum(
-            jnp.linalg.norm(p, axis=axis), eps
-        )
-        return jnp.abs(dot / norms)
+    def cosine(dot, a_sq, b_sq):
+        return jnp.abs(dot) / (jnp.maximum(jnp.sqrt(a_sq), eps) * jnp.maximum(jnp.sqrt(b_sq), eps))
 
-    by_channel = jnp.max(cosine(0)) < delta / jnp.sqrt(p.shape[0])
-    by_layer = cosine(None) < delta / jnp.sqrt(p.size)
-    p_channel = p / (jnp.linalg.norm(p, axis=0) + eps)
-    p_layer = p / (jnp.linalg.norm(p) + eps)
-    u_channel = u - p_channel * jnp.sum(p_channel * u, axis=0)
-    u_layer = u - p_layer * jnp.sum(p_layer * u)
-    projected = jnp.where(by_channel, u_channel, jnp.where(by_layer, u_layer, u))
-    return projected.reshape(step.shape), by_channel | by_layer
+    rows = param.size // param.shape[-1]
+    by_channel = jnp.max(cosine(g_dot_p, g_sq, p_sq)) < delta / jnp.sqrt(rows)
+    by_layer = cosine(jnp.sum(g_dot_p), jnp.sum(g_sq), jnp.sum(p_sq)) < delta / jnp.sqrt(param.size)
+    channel_coef = p_dot_u / (jnp.sqrt(p_sq) + eps) ** 2
+    layer_coef = jnp.sum(p_dot_u) / (jnp.sqrt(jnp.sum(p_sq)) + eps) ** 2
+    coef = jnp.where(by_channel, channel_coef, jnp.where(by_layer, layer_coef, 0.0))
+    return step - param * coef.astype(step.dtype), by_channel | by_layer
 
 
 def scale_by_adamp(
