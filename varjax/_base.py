@@ -22,6 +22,7 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 __all__ = [
     "AdaptiveState",
+    "abs_squared",
     "adaptive_step",
     "bias_correct",
     "cast_like",
@@ -139,14 +140,15 @@ def ema(updates: PyTree, moments: PyTree, decay: Any) -> PyTree:
     )
 
 
-def _abs_squared(g: Array) -> Array:
+def abs_squared(g: Array) -> Array:
+    """``|g|^2`` element-wise, real for complex ``g``."""
     return jnp.square(g) if jnp.isrealobj(g) else jnp.square(jnp.abs(g))
 
 
 def ema_squared(updates: PyTree, moments: PyTree, decay: Any) -> PyTree:
     """``decay * v + (1 - decay) * |g|^2`` leaf by leaf, kept in each moment's dtype."""
     return jax.tree.map(
-        lambda g, v: ((1 - decay) * _abs_squared(g) + decay * v).astype(v.dtype),
+        lambda g, v: ((1 - decay) * abs_squared(g) + decay * v).astype(v.dtype),
         updates,
         moments,
     )

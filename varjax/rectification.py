@@ -28,6 +28,7 @@ import optax
 from varjax._base import (
     AdaptiveState,
     PyTree,
+    abs_squared,
     adaptive_step,
     bias_correct,
     cast_like,
@@ -142,6 +143,11 @@ def scale_by_radam(
     ``rho_t > 4``; its official code and Optax use ``rho_t >= 5`` (``threshold=5``,
     the default here). ``threshold=4`` gives the paper's condition up to the
     single step at which ``rho_t`` is exactly 4 (where ``r_t = 0``).
+
+    *Peers.* pytorch-optimizer's ``RAdam`` adds ``eps`` to ``sqrt(nu)`` before the
+    bias correction and, by default (``degenerated_to_sgd=False``), skips the
+    update below the threshold; ``degenerated_to_sgd=True`` is this fallback.
+    For the skip, use ``rectify(optax.scale_by_adam(), fallback="skip")``.
 
     Args:
       b1: decay of the first-moment EMA, in [0, 1).
@@ -362,10 +368,12 @@ def scale_by_adopt(
 
         normalised = jax.tree.map(normalise, updates, state.nu)
         mu = optax.tree.where(first, state.mu, ema(normalised, state.mu, b1))
-        # decays stay Python floats where possible: 1 - b2 in float32 from a traced
-        # b2 = 0.9999 is off by ~6e-4 relative
-        nu = optax.tree.where(
-            first, ema_squared(updates, state.nu, 0.0), ema_squared(updates, state.nu, b2)
+        # b2 stays a Python float (1 - b2 in float32 from a traced b2 = 0.9999 is off
+        # by ~6e-4 relative); the first step takes v_0 = g_0^2.
+        nu = jax.tree.map(
+            lambda g, v: jnp.where(first, abs_squared(g).astype(v.dtype), v),
+            updates,
+            ema_squared(updates, state.nu, b2),
         )
         out = ema(normalised, mu, b1) if nesterov else mu
         new_state = ScaleByAdoptState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
@@ -443,7 +451,8 @@ def scale_by_diffgrad(
 
     Adam's step with the first moment damped by the friction coefficient
     ``xi_t = sigmoid(|g_{t-1} - g_t|)``: ``xi_t * mu_hat / (sqrt(nu_hat) + eps)``,
-    with ``g_0 = 0``.
+    with ``g_0 = 0``. pytorch-optimizer's ``DiffGrad`` adds ``eps`` to ``sqrt(nu)``
+    before the bias correction.
 
     Example:
       >>> import jax.numpy as jnp, varjax
