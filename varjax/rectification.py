@@ -318,8 +318,9 @@ def scale_by_adopt(
     clipped, and only then averaged into the momentum:
     ``m_t = b1 m_{t-1} + (1 - b1) clip(g_t / max(sqrt(v_{t-1}), eps), c_t)``,
     ``v_t = b2 v_{t-1} + (1 - b2) g_t^2``, update ``m_t``. The first step only
-    initialises ``v_0 = g_0^2`` and returns a zero update. Equal to
-    :func:`optax.contrib.scale_by_adopt`.
+    initialises ``v_0 = g_0^2`` and returns a zero update. The same method as
+    :func:`optax.contrib.scale_by_adopt`; it matches Optax run in float64 (in
+    float32 Optax rounds ``1 - b2`` from a traced ``b2``).
 
     *Clip convention.* ``c_t = t ** clip_exponent`` with ``t`` the number of
     steps before this one, so the first real update uses ``c_1 = 1`` (the
