@@ -49,6 +49,12 @@ PAIRS: list[tuple[str, Callable[[], Any], str, Callable[[], Any]]] = [
     ("adam_atan2", lambda: varjax.adam_atan2(LR), "optax.adam", lambda: optax.adam(LR)),
     ("cautious_adamw", lambda: varjax.cautious_adamw(LR), "optax.adamw", lambda: optax.adamw(LR)),
     (
+        "ademamix",
+        lambda: varjax.ademamix(LR),
+        "optax.contrib.ademamix",
+        lambda: optax.contrib.ademamix(LR),
+    ),
+    (
         "radam(amsgrad)",
         lambda: varjax.radam(LR, amsgrad=True),
         "optax.amsgrad",

@@ -216,3 +216,64 @@ class Cautious:
             mask = (u * g > 0).astype(np.float64)
             out.append(u * mask * mask.size / (mask.sum() + 1))
         return out
+
+
+def ademamix_alpha(t: int, alpha: float, warmup: int | None) -> float:
+    """AdEMAMix's alpha warm-up (Pagliardini et al., 2024, Eq. for alpha_t), t 1-based."""
+    return alpha if warmup is None else min(t * alpha / warmup, alpha)
+
+
+def ademamix_beta3(t: int, b1: float, b3: float, warmup: int | None) -> float:
+    """AdEMAMix's b3 warm-up, linear in half-life from b1 to b3, t 1-based."""
+    if warmup is None:
+        return b3
+    frac = t / warmup
+    return min(
+        math.exp(math.log(b1) * math.log(b3) / ((1 - frac) * math.log(b3) + frac * math.log(b1))),
+        b3,
+    )
+
+
+class MultiEMA:
+    """K EMAs of the gradient, weighted and summed; decays/weights are functions of 1-based t."""
+
+    def __init__(self, decays, weights, debias) -> None:
+        self.decays, self.weights, self.debias = decays, weights, debias
+        self.t, self.emas = 0, None
+
+    def step(self, grads, params=None):
+        self.t += 1
+        if self.emas is None:
+            self.emas = [[np.zeros_like(g) for g in grads] for _ in self.decays]
+        out = [np.zeros_like(g) for g in grads]
+        for k, (decay, weight, debias) in enumerate(
+            zip(self.decays, self.weights, self.debias, strict=True)
+        ):
+            d, w = decay(self.t), weight(self.t)
+            self.emas[k] = [d * m + (1 - d) * g for m, g in zip(self.emas[k], grads, strict=True)]
+            for i, m in enumerate(self.emas[k]):
+                out[i] = out[i] + w * (m / (1 - d**self.t) if debias else m)
+        return out
+
+
+class AdEMAMix:
+    """AdEMAMix (Pagliardini et al., 2024, Algorithm 1), with the paper's schedulers."""
+
+    def __init__(self, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, warmup=None) -> None:
+        self.numerator = MultiEMA(
+            [lambda t: b1, lambda t: ademamix_beta3(t, b1, b3, warmup)],
+            [lambda t: 1.0, lambda t: ademamix_alpha(t, alpha, warmup)],
+            [True, False],
+        )
+        self.b2, self.eps, self.t, self.v = b2, eps, 0, None
+
+    def step(self, grads, params=None):
+        self.t += 1
+        if self.v is None:
+            self.v = [np.zeros_like(g) for g in grads]
+        self.v = [self.b2 * v + (1 - self.b2) * g * g for v, g in zip(self.v, grads, strict=True)]
+        top = self.numerator.step(grads)
+        return [
+            n / (np.sqrt(v / (1 - self.b2**self.t)) + self.eps)
+            for n, v in zip(top, self.v, strict=True)
+        ]

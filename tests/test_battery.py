@@ -79,6 +79,24 @@ CASES = [
         "rectify_diffgrad_sgd",
         with_rate(lambda **kw: varjax.rectify(varjax.scale_by_diffgrad(), fallback="sgd", **kw)),
     ),
+    Case("ademamix", varjax.ademamix, bad=(*ADAM_BAD, ("b3", 1.0), ("alpha", -1.0))),
+    Case(  # b3 = 0.9999 has a 6931-step half-life, longer than these problems
+        "ademamix_warmup",
+        lambda alpha_warmup_steps=500, **kw: varjax.ademamix(
+            b3=0.999, alpha_warmup_steps=alpha_warmup_steps, b3_warmup_steps=500, **kw
+        ),
+        bad=(("alpha_warmup_steps", 0), ("b1", 0.0)),
+    ),
+    Case("scale_by_ademamix", with_rate(varjax.scale_by_ademamix), bad=(("b2", 1.0), ("b3", -0.1))),
+    Case(
+        "second_moment_multi_ema",
+        with_rate(
+            lambda **kw: varjax.scale_by_second_moment(
+                varjax.multi_ema((0.9, 0.99), (1.0, 0.5), (True, False)), **kw
+            )
+        ),
+        bad=(("b2", 1.5), ("eps", -1.0), ("eps_root", -1.0)),
+    ),
     Case(
         "cautious_lion",
         with_rate(lambda **kw: varjax.cautious(optax.scale_by_lion(**kw))),

@@ -13,12 +13,13 @@ from typing import Any
 
 import optax
 
-from varjax import rectification
+from varjax import multi_ema, rectification
 from varjax._base import ScalarOrSchedule, check_adam_hyperparameters, check_interval
 
 __all__ = [
     "adam_atan2",
     "adamp",
+    "ademamix",
     "adopt",
     "cautious_adamw",
     "diffgrad",
@@ -201,4 +202,42 @@ def cautious_adamw(
     """
     check_adam_hyperparameters(b1, b2, eps)
     block = rectification.cautious(optax.scale_by_adam(b1, b2, eps))
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def ademamix(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    alpha_warmup_steps: int | None = None,
+    b3_warmup_steps: int | None = None,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdEMAMix (Pagliardini et al., 2024); see :func:`varjax.scale_by_ademamix`.
+
+    With ``alpha_warmup_steps`` / ``b3_warmup_steps`` set, ``alpha`` and ``b3``
+    follow the paper's warm-ups (:func:`varjax.ademamix_alpha_schedule`,
+    :func:`varjax.ademamix_beta3_schedule`); the paper sets both to the total
+    number of training steps. Without them this equals
+    :func:`optax.contrib.ademamix` (whose defaults it shares, ``weight_decay=0``
+    included; the paper trains with decoupled weight decay 0.1).
+
+    Example:
+      >>> import varjax
+      >>> tx = varjax.ademamix(1e-3, alpha=8.0, alpha_warmup_steps=10_000, b3_warmup_steps=10_000)
+    """
+    check_interval("alpha_warmup_steps", alpha_warmup_steps, 1.0)
+    check_interval("b3_warmup_steps", b3_warmup_steps, 1.0)
+    if alpha_warmup_steps is not None:
+        alpha = multi_ema.ademamix_alpha_schedule(alpha, alpha_warmup_steps)
+    if b3_warmup_steps is not None:
+        b3 = multi_ema.ademamix_beta3_schedule(b1, b3, b3_warmup_steps)
+    block = multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype=mu_dtype)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)

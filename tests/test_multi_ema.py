@@ -1,0 +1,120 @@
+"""Correctness of the multi-EMA family against float64 references and peers.
+
+- References (``tests/references.py``): AdEMAMix with and without the paper's
+  alpha / b3 warm-ups, a general three-EMA combination with a scheduled decay.
+- Optax: ``varjax.ademamix`` against ``optax.contrib.ademamix`` run in float64;
+  ``scale_by_second_moment(multi_ema(b1))`` against ``optax.scale_by_adam``.
+- pytorch-optimizer ``AdEMAMix`` (with ``t_alpha_beta3``) in float64; it evaluates
+  the schedulers at the 1-based step like the paper and varjax's schedules, and
+  its weight decay is coupled unless ``weight_decouple=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+import pytorch_optimizer as po
+import references as ref
+from test_rectification import (
+    assert_sequences_close,
+    gradient_sequence,
+    initial_params,
+    run_block,
+    run_optimizer,
+    run_reference,
+    run_torch,
+)
+
+import varjax
+
+
+@pytest.mark.parametrize("warmup", [None, 40])
+def test_ademamix_matches_float64_reference(warmup) -> None:
+    grads, params = gradient_sequence(), initial_params()
+    if warmup is None:
+        block = varjax.scale_by_ademamix(alpha=8.0)
+    else:
+        block = varjax.scale_by_ademamix(
+            b3=varjax.ademamix_beta3_schedule(0.9, 0.9999, warmup),
+            alpha=varjax.ademamix_alpha_schedule(8.0, warmup),
+        )
+    expected = run_reference(ref.AdEMAMix(alpha=8.0, warmup=warmup), grads, params)
+    # a scheduled b3 near 1 arrives as a float32 array: 1 - b3(t) carries up to ~6e-4
+    # relative error, which shows where m1_hat and alpha * m2 nearly cancel
+    atol = 1e-6 if warmup is None else 5e-6
+    assert_sequences_close(run_block(block, grads, params), expected, rtol=2e-5, atol=atol)
+
+
+def test_schedulers_match_the_paper() -> None:
+    alpha = varjax.ademamix_alpha_schedule(5.0, 100)
+    b3 = varjax.ademamix_beta3_schedule(0.9, 0.9999, 100)
+    for count in (0, 1, 10, 50, 99, 100, 1000):
+        t = count + 1  # Optax counts from 0, the paper's t from 1
+        assert float(alpha(count)) == pytest.approx(ref.ademamix_alpha(t, 5.0, 100), rel=1e-6)
+        assert float(b3(count)) == pytest.approx(ref.ademamix_beta3(t, 0.9, 0.9999, 100), rel=1e-6)
+    # the half-life ln(1/2) / ln(b3(t)) moves linearly from b1's to b3's
+    half_life = [math.log(0.5) / math.log(float(b3(t - 1))) for t in (25, 50, 75)]
+    h1, h3 = math.log(0.5) / math.log(0.9), math.log(0.5) / math.log(0.9999)
+    for t, h in zip((25, 50, 75), half_life, strict=True):
+        assert h == pytest.approx((1 - t / 100) * h1 + t / 100 * h3, rel=1e-3)
+    assert float(b3(99)) == pytest.approx(0.9999, rel=1e-7)
+
+
+def test_general_multi_ema_matches_reference() -> None:
+    grads, params = gradient_sequence(), initial_params()
+    decay_schedule = optax.linear_schedule(0.5, 0.99, 30)
+    block = varjax.multi_ema(
+        decays=(0.9, decay_schedule, 0.999), weights=(1.0, -0.5, 3.0), debias=(True, True, False)
+    )
+    reference = ref.MultiEMA(
+        [lambda t: 0.9, lambda t: float(decay_schedule(t - 1)), lambda t: 0.999],
+        [lambda t: 1.0, lambda t: -0.5, lambda t: 3.0],
+        [True, True, False],
+    )
+    expected = run_reference(reference, grads, params)
+    assert_sequences_close(run_block(block, grads, params), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_second_moment_around_one_ema_is_adam() -> None:
+    grads, params = gradient_sequence(), initial_params()
+    adam_like = varjax.scale_by_second_moment(varjax.multi_ema((0.9,), (1.0,), (True,)))
+    with jax.enable_x64(True):
+        expected = run_block(optax.scale_by_adam(), grads, params, jnp.float64)
+    assert_sequences_close(run_block(adam_like, grads, params), expected, rtol=2e-5, atol=1e-7)
+
+
+def test_ademamix_matches_optax() -> None:
+    grads, params = gradient_sequence(), initial_params()
+    ours = run_optimizer(varjax.ademamix(0.01, alpha=8.0, weight_decay=0.1), grads, params)
+    with jax.enable_x64(True):
+        theirs = run_optimizer(
+            optax.contrib.ademamix(0.01, alpha=8.0, weight_decay=0.1), grads, params, jnp.float64
+        )
+    assert_sequences_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [None, 30])
+def test_ademamix_matches_pytorch_optimizer(warmup) -> None:
+    shapes = [(7, 5), (13,), (1,)]
+    grads, params = gradient_sequence(shapes=shapes), initial_params(shapes=shapes)
+    kwargs = {"lr": 0.01, "alpha": 8.0, "t_alpha_beta3": warmup, "weight_decay": 0.05}
+    theirs = run_torch(
+        po.AdEMAMix, {**kwargs, "weight_decouple": True, "foreach": False}, grads, params
+    )
+    with jax.enable_x64(True):
+        tx = varjax.ademamix(
+            0.01, alpha=8.0, alpha_warmup_steps=warmup, b3_warmup_steps=warmup, weight_decay=0.05
+        )
+        ours = run_optimizer(tx, grads, params, jnp.float64)
+    assert_sequences_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+def test_mismatched_lengths_raise() -> None:
+    with pytest.raises(ValueError, match="one length"):
+        varjax.multi_ema((0.9, 0.99), (1.0,), (True, False))
+    with pytest.raises(ValueError, match=r"decays\[1\]"):
+        varjax.multi_ema((0.9, 1.0), (1.0, 1.0), (True, False))

@@ -1,0 +1,249 @@
+"""Multi-EMA methods: several exponential moving averages of the gradient, combined.
+
+* :func:`multi_ema` - K EMAs of the gradient with their own decays, weights and
+  bias-correction flags, summed; decays and weights may be schedules.
+* :func:`scale_by_second_moment` - divides any numerator transform (such as
+  :func:`multi_ema`) by the bias-corrected RMS of the *raw* gradient: Adam's
+  denominator as a composable piece.
+* :func:`scale_by_ademamix` - AdEMAMix, the two instances above combined, with
+  the paper's schedulers :func:`ademamix_alpha_schedule` and
+  :func:`ademamix_beta3_schedule`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from varjax._base import (
+    PyTree,
+    ScalarOrSchedule,
+    bias_correct,
+    cast_like,
+    check_interval,
+    check_same_structure,
+    ema,
+    ema_squared,
+    resolve,
+    zero_count,
+)
+
+__all__ = [
+    "MultiEMAState",
+    "SecondMomentState",
+    "ademamix_alpha_schedule",
+    "ademamix_beta3_schedule",
+    "multi_ema",
+    "scale_by_ademamix",
+    "scale_by_second_moment",
+]
+
+
+class MultiEMAState(NamedTuple):
+    """State of :func:`multi_ema`: the step count and one EMA tree per decay."""
+
+    count: jax.Array
+    emas: tuple[PyTree, ...]
+
+
+def multi_ema(
+    decays: Sequence[ScalarOrSchedule],
+    weights: Sequence[ScalarOrSchedule],
+    debias: Sequence[bool],
+    *,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """A weighted sum of K exponential moving averages of the gradient.
+
+    ``out = sum_k w_k * m_k`` with ``m_k = d_k m_k + (1 - d_k) g``, divided by
+    ``1 - d_k^t`` where ``debias[k]`` is true. Decays and weights may be
+    ``optax.Schedule``s; like Optax's, they are called with the number of
+    earlier steps (0 on the first). A bias-corrected EMA with a scheduled decay
+    is corrected with its current decay.
+
+    AdEMAMix's numerator is ``multi_ema((b1, b3), (1, alpha), (True, False))``;
+    chain it before a second-moment preconditioner with
+    :func:`scale_by_second_moment`.
+
+    Args:
+      decays: the decay of each EMA, in [0, 1).
+      weights: the weight of each EMA in the sum.
+      debias: whether each EMA is bias-corrected.
+      mu_dtype: dtype of the EMAs; ``None`` keeps the parameters' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.multi_ema(decays=(0.9, 0.99), weights=(1.0, 2.0), debias=(True, False))
+      >>> out, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
+      >>> print(out["w"].round(4))  # 1 (debiased fast EMA) + 2 * 0.01 (slow EMA)
+      [1.02 1.02]
+    """
+    decays, weights, debias = tuple(decays), tuple(weights), tuple(debias)
+    if not decays or not len(decays) == len(weights) == len(debias):
+        raise ValueError(
+            "decays, weights and debias must be non-empty and of one length, got "
+            f"{len(decays)}, {len(weights)} and {len(debias)}"
+        )
+    for k, decay in enumerate(decays):
+        check_interval(f"decays[{k}]", decay, 0.0, 1.0, high_closed=False)
+
+    def init_fn(params: PyTree) -> MultiEMAState:
+        emas = tuple(optax.tree.zeros_like(params, dtype=mu_dtype) for _ in decays)
+        return MultiEMAState(count=zero_count(), emas=emas)
+
+    def update_fn(
+        updates: PyTree, state: MultiEMAState, params: PyTree | None = None
+    ) -> tuple[PyTree, MultiEMAState]:
+        del params
+        check_same_structure(updates, state.emas[0], "optimizer state")
+        count = optax.safe_increment(state.count)
+        emas, terms = [], []
+        for decay, weight, corrected, old in zip(decays, weights, debias, state.emas, strict=True):
+            d, w = resolve(decay, state.count), resolve(weight, state.count)
+            new = ema(updates, old, d)
+            emas.append(new)
+            value = bias_correct(new, d, count) if corrected else new
+            terms.append(jax.tree.map(lambda m, w=w: w * m, value))
+        out = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *terms)
+        return cast_like(out, updates), MultiEMAState(count=count, emas=tuple(emas))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class SecondMomentState(NamedTuple):
+    """State of :func:`scale_by_second_moment`."""
+
+    count: jax.Array
+    numerator_state: optax.OptState
+    nu: PyTree
+
+
+def scale_by_second_moment(
+    numerator: optax.GradientTransformation,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Divide the output of ``numerator`` by Adam's denominator of the raw gradient.
+
+    ``numerator(g) / (sqrt(nu_hat + eps_root) + eps)`` with
+    ``nu = b2 nu + (1 - b2) g^2`` and ``nu_hat = nu / (1 - b2^t)``. The second
+    moment is that of the gradient entering this transform, not of the
+    numerator's output, which is what a multi-EMA numerator needs (chaining it
+    before ``optax.scale_by_rms`` would measure the smoothed signal instead).
+    ``scale_by_second_moment(multi_ema((b1,), (1.0,), (True,)))`` is Adam.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> fast_and_slow = varjax.multi_ema((0.9, 0.999), (1.0, 5.0), (True, False))
+      >>> tx = optax.chain(varjax.scale_by_second_moment(fast_and_slow),
+      ...                  optax.scale_by_learning_rate(1e-3))
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
+    check_interval("b2", b2, 0.0, 1.0, high_closed=False)
+    check_interval("eps", eps, 0.0)
+    check_interval("eps_root", eps_root, 0.0)
+    numerator = optax.with_extra_args_support(numerator)
+
+    def init_fn(params: PyTree) -> SecondMomentState:
+        return SecondMomentState(
+            count=zero_count(),
+            numerator_state=numerator.init(params),
+            nu=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(
+        updates: PyTree, state: SecondMomentState, params: PyTree | None = None, **extra_args: Any
+    ) -> tuple[PyTree, SecondMomentState]:
+        check_same_structure(updates, state.nu, "optimizer state")
+        count = optax.safe_increment(state.count)
+        top, numerator_state = numerator.update(
+            updates, state.numerator_state, params, **extra_args
+        )
+        nu = ema_squared(updates, state.nu, b2)
+        nu_hat = bias_correct(nu, b2, count)
+        out = jax.tree.map(lambda n, v: n / (jnp.sqrt(v + eps_root) + eps), top, nu_hat)
+        numerator_state = cast_like(numerator_state, state.numerator_state)
+        return cast_like(out, updates), SecondMomentState(count, numerator_state, nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_ademamix(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescale updates by AdEMAMix (Pagliardini et al., 2024, "The AdEMAMix
+    Optimizer: Better, Faster, Older", Algorithm 1).
+
+    ``(m1_hat + alpha * m2) / (sqrt(nu_hat) + eps)``: a fast, bias-corrected EMA
+    ``m1`` (decay ``b1``), a slow EMA ``m2`` that is *not* bias-corrected (decay
+    ``b3``), and Adam's second moment. Built as
+    ``scale_by_second_moment(multi_ema((b1, b3), (1, alpha), (True, False)))``.
+    Equal to :func:`optax.contrib.scale_by_ademamix` for constant ``alpha`` and
+    ``b3``.
+
+    ``alpha`` and ``b3`` may be schedules: the paper warms both up over the
+    whole run for stability, see :func:`ademamix_alpha_schedule` and
+    :func:`ademamix_beta3_schedule` (:func:`varjax.ademamix` sets them up from
+    ``warmup_steps``). Paper defaults: ``b3=0.9999``, ``alpha`` in [4, 10]
+    (5 for its language models, 8 for vision), warm-up over the whole run.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(varjax.scale_by_ademamix(alpha=8.0), optax.scale_by_learning_rate(1e-3))
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
+    check_interval("b1", b1, 0.0, 1.0, high_closed=False)
+    check_interval("b3", b3, 0.0, 1.0, high_closed=False)
+    check_interval("alpha", alpha, 0.0)
+    numerator = multi_ema((b1, b3), (1.0, alpha), (True, False), mu_dtype=mu_dtype)
+    return scale_by_second_moment(numerator, b2, eps, eps_root)
+
+
+def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
+    """The paper's linear warm-up of AdEMAMix's ``alpha``: ``min(t alpha / T, alpha)``.
+
+    ``t`` is the 1-based step, as in the paper's code; the returned schedule
+    takes Optax's 0-based count and evaluates the formula at ``count + 1``.
+    """
+    check_interval("alpha", alpha, 0.0)
+    check_interval("warmup_steps", warmup_steps, 1.0)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, jnp.result_type(float)) + 1
+        return jnp.minimum(t * alpha / warmup_steps, alpha)
+
+    return schedule
+
+
+def ademamix_beta3_schedule(b1: float, b3: float, warmup_steps: int) -> optax.Schedule:
+    """The paper's warm-up of AdEMAMix's ``b3``, linear in the EMA's half-life.
+
+    ``b3(t) = min(exp(ln(b1) ln(b3) / ((1 - t/T) ln(b3) + (t/T) ln(b1))), b3)``:
+    the half-life ``ln(1/2) / ln(b)`` moves linearly from that of ``b1`` to that
+    of ``b3`` over ``T`` steps. ``t`` is the 1-based step, as for
+    :func:`ademamix_alpha_schedule`.
+    """
+    check_interval("b1", b1, 0.0, 1.0, low_closed=False, high_closed=False)
+    check_interval("b3", b3, 0.0, 1.0, low_closed=False, high_closed=False)
+    check_interval("warmup_steps", warmup_steps, 1.0)
+    log_b1, log_b3 = math.log(b1), math.log(b3)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        frac = (jnp.asarray(count, jnp.result_type(float)) + 1) / warmup_steps
+        exponent = log_b1 * log_b3 / ((1 - frac) * log_b3 + frac * log_b1)
+        return jnp.minimum(jnp.exp(exponent), b3)
+
+    return schedule
