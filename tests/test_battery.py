@@ -98,6 +98,15 @@ CASES = [
         bad=(("b2", 1.5), ("eps", -1.0), ("eps_root", -1.0)),
     ),
     Case(
+        "rectify_ademamix",
+        with_rate(lambda **kw: varjax.rectify(varjax.scale_by_ademamix(b3=0.999), **kw)),
+    ),
+    Case(
+        "cautious_ademamix",
+        with_rate(lambda **kw: varjax.cautious(varjax.scale_by_ademamix(b3=0.999, **kw))),
+        bad=(("alpha", -1.0),),
+    ),
+    Case(
         "cautious_lion",
         with_rate(lambda **kw: varjax.cautious(optax.scale_by_lion(**kw))),
     ),

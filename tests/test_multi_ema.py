@@ -118,3 +118,11 @@ def test_mismatched_lengths_raise() -> None:
         varjax.multi_ema((0.9, 0.99), (1.0,), (True, False))
     with pytest.raises(ValueError, match=r"decays\[1\]"):
         varjax.multi_ema((0.9, 1.0), (1.0, 1.0), (True, False))
+
+
+def test_rectified_ademamix_matches_reference() -> None:
+    """RAdam's rectification around AdEMAMix (its b2 is the rectified second moment)."""
+    grads, params = gradient_sequence(), initial_params()
+    block = varjax.rectify(varjax.scale_by_ademamix(alpha=8.0), b2=0.999)
+    expected = run_reference(ref.Rectify(ref.AdEMAMix(alpha=8.0), b2=0.999), grads, params)
+    assert_sequences_close(run_block(block, grads, params), expected, rtol=2e-5, atol=1e-6)
