@@ -87,6 +87,12 @@ CASES = [
         ),
         bad=(("alpha_warmup_steps", 0), ("b1", 0.0)),
     ),
+    Case(  # its momentum sums gradients: about 1 / (1 - b1) = 100 times Adam's step
+        "simplified_ademamix",
+        lambda alpha=2.0, **kw: varjax.simplified_ademamix(alpha=alpha, **kw),
+        0.001,
+        bad=(("b1", 1.0), ("b2", 1.0), ("alpha", -1.0), ("eps", -1.0)),
+    ),
     Case("scale_by_ademamix", with_rate(varjax.scale_by_ademamix), bad=(("b2", 1.0), ("b3", -0.1))),
     Case(
         "second_moment_multi_ema",

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 import pytorch_optimizer as po
@@ -126,3 +127,60 @@ def test_rectified_ademamix_matches_reference() -> None:
     block = varjax.rectify(varjax.scale_by_ademamix(alpha=8.0), b2=0.999)
     expected = run_reference(ref.Rectify(ref.AdEMAMix(alpha=8.0), b2=0.999), grads, params)
     assert_sequences_close(run_block(block, grads, params), expected, rtol=2e-5, atol=1e-6)
+
+
+class SimplifiedAdEMAMix:
+    """Morwani et al., 2025: m = b1 m + g; (m + alpha g) / (sqrt(nu_hat) + eps)."""
+
+    def __init__(self, b1=0.99, b2=0.95, alpha=2.0, eps=1e-8) -> None:
+        self.adam = ref.Adam(b1=0.0, b2=b2)  # for nu_hat only
+        self.b1, self.alpha, self.eps, self.m = b1, alpha, eps, None
+
+    def step(self, grads, params=None):
+        self.m = [
+            g + self.b1 * m for m, g in zip(self.m or [0.0 * g for g in grads], grads, strict=True)
+        ]
+        _, nu_hat = self.adam.moments(grads)
+        return [
+            (m + self.alpha * g) / (np.sqrt(v) + self.eps)
+            for m, g, v in zip(self.m, grads, nu_hat, strict=True)
+        ]
+
+
+def test_simplified_ademamix_matches_reference_and_optax() -> None:
+    grads, params = gradient_sequence(), initial_params()
+    expected = run_reference(SimplifiedAdEMAMix(alpha=2.0), grads, params)
+    block = varjax.scale_by_simplified_ademamix(alpha=2.0)
+    assert_sequences_close(run_block(block, grads, params), expected, rtol=2e-5, atol=1e-5)
+    ours = run_optimizer(
+        varjax.simplified_ademamix(1e-3, alpha=2.0, weight_decay=0.1), grads, params
+    )
+    with jax.enable_x64(True):
+        tx = optax.contrib.simplified_ademamix(1e-3, alpha=2.0, weight_decay=0.1)
+        theirs = run_optimizer(tx, grads, params, jnp.float64)
+    assert_sequences_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_simplified_ademamix_matches_pytorch_optimizer() -> None:
+    shapes = [(7, 5), (13,), (1,)]
+    grads, params = gradient_sequence(shapes=shapes), initial_params(shapes=shapes)
+    kwargs = {"lr": 1e-3, "alpha": 2.0, "foreach": False}
+    theirs = run_torch(po.SimplifiedAdEMAMix, kwargs, grads, params)
+    # Two convention differences, both mapped here:
+    # - pytorch-optimizer keeps an EMA, (1 - b1) times the paper's sum m = b1 m + g:
+    #   its (ema + alpha g) is (1 - b1) (m + alpha / (1 - b1) g);
+    # - it divides by the second moment's bias correction twice, so its step is
+    #   ours (Optax's, the paper's) divided by 1 - b2^t: a per-step learning rate.
+    b1, b2 = 0.99, 0.95
+
+    def rate(count):
+        return 1e-3 * (1 - b1) / (1 - b2 ** (count + 1))
+
+    with jax.enable_x64(True):
+        ours = run_optimizer(
+            varjax.simplified_ademamix(rate, b1, b2, alpha=2.0 / (1 - b1)),
+            grads,
+            params,
+            jnp.float64,
+        )
+    assert_sequences_close(ours, theirs, rtol=1e-6, atol=1e-9)

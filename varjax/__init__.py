@@ -9,6 +9,7 @@ from varjax.alias import (
     diffgrad,
     grams,
     radam,
+    simplified_ademamix,
 )
 from varjax.multi_ema import (
     ademamix_alpha_schedule,
@@ -16,6 +17,7 @@ from varjax.multi_ema import (
     multi_ema,
     scale_by_ademamix,
     scale_by_second_moment,
+    scale_by_simplified_ademamix,
 )
 from varjax.rectification import (
     cautious,
@@ -54,4 +56,6 @@ __all__ = [
     "scale_by_grams",
     "scale_by_radam",
     "scale_by_second_moment",
+    "scale_by_simplified_ademamix",
+    "simplified_ademamix",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "diffgrad",
     "grams",
     "radam",
+    "simplified_ademamix",
 ]
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
@@ -240,4 +241,25 @@ def ademamix(
     if b3_warmup_steps is not None:
         b3 = multi_ema.ademamix_beta3_schedule(b1, b3, b3_warmup_steps)
     block = multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype=mu_dtype)
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def simplified_ademamix(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.99,
+    b2: float = 0.95,
+    alpha: ScalarOrSchedule = 0.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Simplified AdEMAMix (Morwani et al., 2025); see :func:`varjax.scale_by_simplified_ademamix`.
+
+    Equal to :func:`optax.contrib.simplified_ademamix`, whose defaults it shares.
+    Its momentum sums gradients (about ``1 / (1 - b1)`` times larger than an EMA),
+    so it wants a learning rate that much smaller than Adam's.
+    """
+    block = multi_ema.scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)

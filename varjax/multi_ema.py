@@ -41,6 +41,7 @@ __all__ = [
     "multi_ema",
     "scale_by_ademamix",
     "scale_by_second_moment",
+    "scale_by_simplified_ademamix",
 ]
 
 
@@ -209,6 +210,39 @@ def scale_by_ademamix(
     check_interval("b3", b3, 0.0, 1.0, high_closed=False)
     check_interval("alpha", alpha, 0.0)
     numerator = multi_ema((b1, b3), (1.0, alpha), (True, False), mu_dtype=mu_dtype)
+    return scale_by_second_moment(numerator, b2, eps, eps_root)
+
+
+def scale_by_simplified_ademamix(
+    b1: float = 0.99,
+    b2: float = 0.95,
+    alpha: ScalarOrSchedule = 0.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescale updates by simplified AdEMAMix (Morwani et al., 2025, "Connections
+    between Schedule-Free Optimizers, AdEMAMix, and Accelerated SGD Variants").
+
+    One momentum that *sums* gradients, ``m = b1 m + g``, plus ``alpha`` times the
+    current gradient, over Adam's denominator: ``(m + alpha g) / (sqrt(nu_hat) + eps)``.
+    The sum is the EMA scaled by ``1 / (1 - b1)``, so this is
+    ``scale_by_second_moment(multi_ema((b1, 0), (1 / (1 - b1), alpha), (False, False)), b2)``.
+    Equal to :func:`optax.contrib.scale_by_simplified_ademamix` (same defaults).
+    ``b1`` is a constant here; pytorch-optimizer's ``beta1_warmup`` is not offered.
+    pytorch-optimizer's ``SimplifiedAdEMAMix`` differs twice: it keeps an EMA
+    (``(1 - b1)`` times this sum, so its ``(lr, alpha)`` is this
+    ``(lr (1 - b1), alpha / (1 - b1))``), and it divides by the second moment's
+    bias correction twice, making its early steps larger by ``1 / (1 - b2^t)``
+    (20x at the first step with ``b2=0.95``).
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.scale_by_simplified_ademamix(alpha=2.0)
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
+    check_interval("b1", b1, 0.0, 1.0, high_closed=False)
+    check_interval("alpha", alpha, 0.0)
+    numerator = multi_ema((b1, 0.0), (1.0 / (1.0 - b1), alpha), (False, False))
     return scale_by_second_moment(numerator, b2, eps, eps_root)
 
 
