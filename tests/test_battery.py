@@ -113,6 +113,21 @@ CASES = [
         bad=(("alpha", -1.0),),
     ),
     Case(
+        "grokfast_ema_then_adam",
+        lambda learning_rate, **kw: optax.chain(
+            varjax.grokfast_ema(**kw), optax.adam(learning_rate)
+        ),
+        bad=(("alpha", 1.0), ("lamb", float("nan"))),
+    ),
+    Case(  # a lagged window average fights Rosenbrock's curved valley: lamb 1, not 5
+        "grokfast_ma_then_adam",
+        lambda learning_rate, lamb=1.0, window=8: optax.chain(
+            varjax.grokfast_ma(window, lamb), optax.adam(learning_rate)
+        ),
+        0.02,
+        bad=(("lamb", float("nan")), ("window", 0)),
+    ),
+    Case(
         "cautious_lion",
         with_rate(lambda **kw: varjax.cautious(optax.scale_by_lion(**kw))),
     ),

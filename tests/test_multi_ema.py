@@ -20,6 +20,7 @@ import optax
 import pytest
 import pytorch_optimizer as po
 import references as ref
+import torch
 from test_rectification import (
     assert_sequences_close,
     gradient_sequence,
@@ -184,3 +185,117 @@ def test_simplified_ademamix_matches_pytorch_optimizer() -> None:
             jnp.float64,
         )
     assert_sequences_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+class GrokfastEMA:
+    """Lee et al., 2024, Algorithm 2: mu_1 = g_1, mu = alpha mu + (1 - alpha) g; g + lamb mu."""
+
+    def __init__(self, alpha=0.98, lamb=2.0) -> None:
+        self.alpha, self.lamb, self.mu = alpha, lamb, None
+
+    def step(self, grads, params=None):
+        if self.mu is None:
+            self.mu = [g.copy() for g in grads]
+        else:
+            self.mu = [
+                self.alpha * m + (1 - self.alpha) * g for m, g in zip(self.mu, grads, strict=True)
+            ]
+        return [g + self.lamb * m for g, m in zip(grads, self.mu, strict=True)]
+
+
+class GrokfastMA:
+    """Lee et al., 2024, Algorithm 1: g + lamb * mean of the last w gradients (once w are seen)."""
+
+    def __init__(self, window=100, lamb=5.0, warmup=True) -> None:
+        self.window, self.lamb, self.warmup, self.history = window, lamb, warmup, []
+
+    def step(self, grads, params=None):
+        self.history = [*self.history, grads][-self.window :]
+        if self.warmup and len(self.history) < self.window:
+            return list(grads)
+        means = [np.mean(leaves, axis=0) for leaves in zip(*self.history, strict=True)]
+        return [g + self.lamb * m for g, m in zip(grads, means, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("block", "reference"),
+    [
+        (lambda: varjax.grokfast_ema(), lambda: GrokfastEMA()),
+        (lambda: varjax.grokfast_ma(window=7), lambda: GrokfastMA(window=7)),
+        (
+            lambda: varjax.grokfast_ma(window=7, warmup=False),
+            lambda: GrokfastMA(window=7, warmup=False),
+        ),
+    ],
+    ids=["ema", "ma", "ma_no_warmup"],
+)
+def test_grokfast_matches_reference(block, reference) -> None:
+    grads, params = gradient_sequence(), initial_params()
+    expected = run_reference(reference(), grads, params)
+    assert_sequences_close(run_block(block(), grads, params), expected, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_grokfast_matches_pytorch_optimizer(kind: str) -> None:
+    from pytorch_optimizer.optimizer.grokfast import gradfilter_ema, gradfilter_ma
+
+    shapes = [(7, 5), (13,)]
+    grads, params = gradient_sequence(shapes=shapes), initial_params(shapes=shapes)
+    model = torch.nn.Module()
+    model.w, model.b = (torch.nn.Parameter(torch.tensor(p)) for p in params)
+    if kind == "ema":
+        ours, theirs_filter = (
+            varjax.grokfast_ema(alpha=0.9, lamb=1.5),
+            lambda m, s: gradfilter_ema(m, s, alpha=0.9, lamb=1.5),
+        )
+    else:
+        ours, theirs_filter = (
+            varjax.grokfast_ma(window=5, lamb=3.0),
+            lambda m, s: gradfilter_ma(m, s, window_size=5, lamb=3.0),
+        )
+    theirs, filter_state = [], None
+    for g in grads:
+        model.w.grad, model.b.grad = (torch.tensor(x) for x in g)
+        filter_state = theirs_filter(model, filter_state)
+        theirs.append([model.w.grad.numpy().copy(), model.b.grad.numpy().copy()])
+    with jax.enable_x64(True):
+        actual = run_block(ours, grads, params, jnp.float64)
+    assert_sequences_close(actual, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_grokfast_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="window"):
+        varjax.grokfast_ma(window=0)
+    with pytest.raises(ValueError, match="reduce"):
+        varjax.grokfast_ma(reduce="median")
+    with pytest.raises(ValueError, match="alpha"):
+        varjax.grokfast_ema(alpha=1.0)
+
+
+@pytest.mark.parametrize("warmup", [None, 30])
+def test_ademamix_matches_bitsandbytes_32bit(warmup) -> None:
+    """bitsandbytes' 32-bit AdEMAMix on CPU; float32 on both sides."""
+    import bitsandbytes as bnb
+
+    shapes = [(7, 5), (13,), (1,)]
+    grads, params = gradient_sequence(shapes=shapes), initial_params(shapes=shapes)
+    tensors = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in params]
+    optimizer = bnb.optim.AdEMAMix(
+        tensors,
+        lr=0.01,
+        alpha=8.0,
+        t_alpha=warmup,
+        t_beta3=warmup,
+        weight_decay=0.05,
+        optim_bits=32,
+    )
+    theirs = []
+    for g in grads:
+        for tensor, x in zip(tensors, g, strict=True):
+            tensor.grad = torch.tensor(x, dtype=torch.float32)
+        optimizer.step()
+        theirs.append([t.detach().numpy().astype(np.float64) for t in tensors])
+    tx = varjax.ademamix(
+        0.01, alpha=8.0, alpha_warmup_steps=warmup, b3_warmup_steps=warmup, weight_decay=0.05
+    )
+    assert_sequences_close(run_optimizer(tx, grads, params), theirs, rtol=1e-5, atol=1e-6)

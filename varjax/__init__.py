@@ -14,6 +14,8 @@ from varjax.alias import (
 from varjax.multi_ema import (
     ademamix_alpha_schedule,
     ademamix_beta3_schedule,
+    grokfast_ema,
+    grokfast_ma,
     multi_ema,
     scale_by_ademamix,
     scale_by_second_moment,
@@ -44,6 +46,8 @@ __all__ = [
     "cautious_adamw",
     "diffgrad",
     "grams",
+    "grokfast_ema",
+    "grokfast_ma",
     "multi_ema",
     "radam",
     "rectification",

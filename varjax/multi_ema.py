@@ -7,7 +7,9 @@
   denominator as a composable piece.
 * :func:`scale_by_ademamix` - AdEMAMix, the two instances above combined, with
   the paper's schedulers :func:`ademamix_alpha_schedule` and
-  :func:`ademamix_beta3_schedule`.
+  :func:`ademamix_beta3_schedule`; :func:`scale_by_simplified_ademamix`.
+* :func:`grokfast_ema`, :func:`grokfast_ma` - Grokfast's filters that amplify
+  the slow component of the gradient, to chain before any optimizer.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ from varjax._base import (
 )
 
 __all__ = [
+    "GrokfastEMAState",
+    "GrokfastMAState",
     "MultiEMAState",
     "SecondMomentState",
     "ademamix_alpha_schedule",
     "ademamix_beta3_schedule",
+    "grokfast_ema",
+    "grokfast_ma",
     "multi_ema",
     "scale_by_ademamix",
     "scale_by_second_moment",
@@ -281,3 +287,101 @@ def ademamix_beta3_schedule(b1: float, b3: float, warmup_steps: int) -> optax.Sc
         return jnp.minimum(jnp.exp(exponent), b3)
 
     return schedule
+
+
+class GrokfastEMAState(NamedTuple):
+    """State of :func:`grokfast_ema`: the step count and the gradient's EMA."""
+
+    count: jax.Array
+    mu: PyTree
+
+
+def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransformation:
+    """Grokfast's EMA filter (Lee et al., 2024, "Grokfast: Accelerated Grokking by
+    Amplifying Slow Gradients", Algorithm 2): ``g + lamb * mu`` with
+    ``mu = alpha mu + (1 - alpha) g``, ``mu`` starting at the first gradient.
+
+    A gradient filter: chain it before any optimizer. Defaults are the paper's
+    (``alpha=0.98, lamb=2.0``), also pytorch-optimizer's ``gradfilter_ema``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(varjax.grokfast_ema(), optax.adamw(1e-3, weight_decay=1.0))
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
+    check_interval("alpha", alpha, 0.0, 1.0, high_closed=False)
+    check_interval("lamb", lamb)
+
+    def init_fn(params: PyTree) -> GrokfastEMAState:
+        return GrokfastEMAState(count=zero_count(), mu=optax.tree.zeros_like(params))
+
+    def update_fn(
+        updates: PyTree, state: GrokfastEMAState, params: PyTree | None = None
+    ) -> tuple[PyTree, GrokfastEMAState]:
+        del params
+        check_same_structure(updates, state.mu, "optimizer state")
+        first_gradient = cast_like(updates, state.mu)
+        mu = optax.tree.where(state.count == 0, first_gradient, ema(updates, state.mu, alpha))
+        out = jax.tree.map(lambda g, m: g + lamb * m, updates, mu)
+        return cast_like(out, updates), GrokfastEMAState(optax.safe_increment(state.count), mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class GrokfastMAState(NamedTuple):
+    """State of :func:`grokfast_ma`: the step count and the last ``window`` gradients."""
+
+    count: jax.Array
+    window: PyTree
+
+
+def grokfast_ma(
+    window: int = 100, lamb: float = 5.0, *, warmup: bool = True, reduce: str = "mean"
+) -> optax.GradientTransformation:
+    """Grokfast's windowed moving-average filter (Lee et al., 2024, Algorithm 1):
+    ``g + lamb * mean(last window gradients)``.
+
+    The window is a fixed-size ring buffer in the state (``window`` copies of
+    the parameters: this filter's memory cost). With ``warmup`` (the paper's
+    default) nothing is added until the window is full; ``reduce="sum"`` adds
+    the sum instead of the mean, as pytorch-optimizer's ``filter_type="sum"``.
+    Defaults are the paper's (``window=100, lamb=5.0``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(varjax.grokfast_ma(window=10), optax.adam(1e-3))
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
+    check_interval("window", window, 1.0)
+    check_interval("lamb", lamb)
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    window = int(window)
+
+    def init_fn(params: PyTree) -> GrokfastMAState:
+        buffers = jax.tree.map(
+            lambda p: jnp.zeros((window, *jnp.shape(p)), jnp.result_type(p)), params
+        )
+        return GrokfastMAState(count=zero_count(), window=buffers)
+
+    def update_fn(
+        updates: PyTree, state: GrokfastMAState, params: PyTree | None = None
+    ) -> tuple[PyTree, GrokfastMAState]:
+        del params
+        check_same_structure(updates, jax.tree.map(lambda b: b[0], state.window), "optimizer state")
+        slot = state.count % window
+        buffers = jax.tree.map(
+            lambda b, g: b.at[slot].set(g.astype(b.dtype)), state.window, updates
+        )
+        filled = jnp.minimum(state.count + 1, window)
+        active = filled == window if warmup else jnp.asarray(True)
+
+        def amplify(g: jax.Array, b: jax.Array) -> jax.Array:
+            total = jnp.sum(b, axis=0)
+            slow = total / filled.astype(total.dtype) if reduce == "mean" else total
+            return jnp.where(active, g + lamb * slow, g)
+
+        out = jax.tree.map(amplify, updates, buffers)
+        return cast_like(out, updates), GrokfastMAState(optax.safe_increment(state.count), buffers)
+
+    return optax.GradientTransformation(init_fn, update_fn)
