@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,3 +23,16 @@ def test_step_time_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
     # mu and nu in float32, plus the 4-byte step count
     assert record["rows"][0]["varjax_state_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)
     assert "| radam | optax.radam |" in next(tmp_path.glob("step_time_*.md")).read_text()
+
+
+def test_convergence_ademamix_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "convergence_ademamix.py")]
+    command += ["--steps", "20", "--seeds", "1", "--batch", "8", "--log-every", "10"]
+    command += ["--chars", "20000", "--tag", "smoke", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads((tmp_path / "convergence_ademamix_smoke.json").read_text())
+    assert list(record["results"]) == ["adamw", "ademamix", "ademamix+schedulers"]
+    for (run,) in record["results"].values():
+        assert run["step"] == [10, 20]
+        assert all(np.isfinite(run["valid"])) and run["valid"][-1] < np.log(200)
+    assert (tmp_path / "convergence_ademamix_smoke.png").stat().st_size > 0
