@@ -277,3 +277,190 @@ class AdEMAMix:
             n / (np.sqrt(v / (1 - self.b2**self.t)) + self.eps)
             for n, v in zip(top, self.v, strict=True)
         ]
+
+
+# --------------------------------------------------------------------------
+# Variance-reduced momentum
+# --------------------------------------------------------------------------
+
+
+def newton_schulz(m: np.ndarray, steps: int = 5, eps: float = 1e-8) -> np.ndarray:
+    """The quintic Newton-Schulz iteration of MARS-Shampoo / Muon, in float64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = m.shape[0] > m.shape[1]
+    x = m.T if tall else m
+    x = x / (np.linalg.norm(x) + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return x.T if tall else x
+
+
+class MarsCorrection:
+    """MARS's c_t (Yuan et al., 2024, Algorithm 1), clipped to norm <= 1 per tensor or globally.
+
+    ``step(grads, params, previous)``: ``previous`` is the gradient at the previous
+    parameters on this batch (exact form); ``None`` uses the last step's gradient.
+    Zero on the first step, as in the official code.
+    """
+
+    def __init__(self, b1=0.95, gamma=0.025, scope="tensor", max_norm=1.0) -> None:
+        self.b1, self.gamma, self.scope, self.max_norm = b1, gamma, scope, max_norm
+        self.last, self.t = None, 0
+
+    def step(self, grads, params=None, previous=None):
+        self.t += 1
+        if self.t == 1 or (previous is None and self.last is None):
+            previous = [np.zeros_like(g) for g in grads]
+        elif previous is None:
+            previous = self.last
+        scale = self.gamma * self.b1 / (1 - self.b1)
+        c = [g + scale * (g - p) for g, p in zip(grads, previous, strict=True)]
+        self.last = [g.copy() for g in grads]
+        if self.max_norm is None:
+            return c
+        if self.scope == "global":
+            norm = math.sqrt(sum(float(np.sum(x * x)) for x in c))
+            return [x * self.max_norm / norm if norm > self.max_norm else x for x in c]
+        return [
+            x * self.max_norm / np.linalg.norm(x) if np.linalg.norm(x) > self.max_norm else x
+            for x in c
+        ]
+
+
+class Mars:
+    """MARS with the paper's AdamW, Lion or Shampoo step on the corrected gradient."""
+
+    def __init__(self, kind="adamw", b1=0.95, b2=0.99, eps=1e-8, gamma=0.025, **kw) -> None:
+        self.kind, self.b1, self.eps = kind, b1, eps
+        self.correction = MarsCorrection(b1, gamma, **kw)
+        self.adam = Adam(b1, b2)
+        self.m = None
+
+    def step(self, grads, params=None, previous=None):
+        c = self.correction.step(grads, previous=previous)
+        m_hat, v_hat = self.adam.moments(c)  # m_t = b1 m + (1 - b1) c_t, v_t of c_t
+        adam = [m / (np.sqrt(v) + self.eps) for m, v in zip(m_hat, v_hat, strict=True)]
+        if self.kind == "adamw":
+            return adam
+        if self.kind == "lion":
+            return [np.sign(m) for m in self.adam.m]
+        return [
+            newton_schulz(m / (1 - self.b1), eps=self.eps)
+            * math.sqrt(max(1, m.shape[0] / m.shape[1]))
+            if m.ndim == 2
+            else a
+            for m, a in zip(self.adam.m, adam, strict=True)
+        ]
+
+
+class Lion:
+    """Lion (Chen et al., 2023): sign(b1 m + (1 - b1) g), then m = b2 m + (1 - b2) g."""
+
+    def __init__(self, b1=0.9, b2=0.99) -> None:
+        self.b1, self.b2, self.m = b1, b2, None
+
+    def step(self, grads, params=None):
+        if self.m is None:
+            self.m = [np.zeros_like(g) for g in grads]
+        out = [np.sign(self.b1 * m + (1 - self.b1) * g) for m, g in zip(self.m, grads, strict=True)]
+        self.m = [self.b2 * m + (1 - self.b2) * g for m, g in zip(self.m, grads, strict=True)]
+        return out
+
+
+class Chain:
+    """``second.step(first.step(grads))``: a correction in front of a preconditioner."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def step(self, grads, params=None, previous=None):
+        return self.second.step(self.first.step(grads, previous=previous), params)
+
+
+class Storm:
+    """STORM's recursive momentum (Cutkosky & Orabona, 2019): d_t = g_t + (1 - a)(d_{t-1} - g_prev).
+
+    With ``k`` given, the paper's Algorithm 1: the update is -eta_t d_t with
+    eta_t = k / (w + sum G_i^2)^(1/3) and a_{t+1} = min(1, c eta_t^2).
+    """
+
+    def __init__(self, a=0.1, k=None, w=0.1, c=100.0) -> None:
+        self.a, self.k, self.w, self.c = a, k, w, c
+        self.d = self.last = None
+        self.sum_sq, self.eta = 0.0, None
+
+    def step(self, grads, params=None, previous=None):
+        previous = self.last if previous is None else previous
+        if self.d is None:
+            self.d = [g.copy() for g in grads]
+        else:
+            a = self.a if self.k is None else min(1.0, self.c * self.eta**2)
+            self.d = [
+                g + (1 - a) * (d - p) for g, d, p in zip(grads, self.d, previous, strict=True)
+            ]
+        self.last = [g.copy() for g in grads]
+        if self.k is None:
+            return [d.copy() for d in self.d]
+        self.sum_sq += sum(float(np.sum(g * g)) for g in grads)
+        self.eta = self.k / (self.w + self.sum_sq) ** (1 / 3)
+        return [-self.eta * d for d in self.d]
+
+
+class QHM:
+    """Quasi-hyperbolic momentum (Ma & Yarats, 2019): (1 - nu) g + nu m, m = b m + (1 - b) g."""
+
+    def __init__(self, b=0.999, nu=0.7) -> None:
+        self.b, self.nu, self.m = b, nu, None
+
+    def step(self, grads, params=None):
+        if self.m is None:
+            self.m = [np.zeros_like(g) for g in grads]
+        self.m = [self.b * m + (1 - self.b) * g for m, g in zip(self.m, grads, strict=True)]
+        return [(1 - self.nu) * g + self.nu * m for g, m in zip(grads, self.m, strict=True)]
+
+
+class MultiMomentum:
+    """One momentum per cluster; the step is (1 - nu) g + nu sum_j w_j m_j."""
+
+    def __init__(self, num_clusters, decay=0.9, nu=1.0, weights=None) -> None:
+        self.k, self.decay, self.nu = num_clusters, decay, nu
+        self.w = [1 / num_clusters] * num_clusters if weights is None else list(weights)
+        self.m = None
+
+    def step(self, grads, cluster):
+        if self.m is None:
+            self.m = [[np.zeros_like(g) for g in grads] for _ in range(self.k)]
+        self.m[cluster] = [
+            self.decay * m + (1 - self.decay) * g
+            for m, g in zip(self.m[cluster], grads, strict=True)
+        ]
+        return [
+            (1 - self.nu) * g + self.nu * sum(self.w[j] * self.m[j][i] for j in range(self.k))
+            for i, g in enumerate(grads)
+        ]
+
+
+def igt_trajectory(grad_fn, theta0, steps, lr, gamma=None, momentum=None):
+    """IGT (Arnold et al., 2019): returns the (query point, theta) pairs of each step.
+
+    v_t = g_t v_{t-1} + (1 - g_t) grad(theta_t + g_t / (1 - g_t) (theta_t - theta_{t-1})),
+    theta_{t+1} = theta_t - lr v_t, with g_t = t / (t + 1) (0-based t) when ``gamma``
+    is None. ``momentum`` replaces the single average (e.g. a MultiMomentum
+    fed ``(grads, t)``) for the combined methods.
+    """
+    theta_prev = theta = [np.array(p, np.float64) for p in theta0]
+    v = [np.zeros_like(p) for p in theta]
+    out = []
+    for t in range(steps):
+        g_t = t / (t + 1) if gamma is None else gamma
+        s = g_t / (1 - g_t)
+        query = [p + s * (p - q) for p, q in zip(theta, theta_prev, strict=True)]
+        grads = grad_fn(query, t)
+        if momentum is None:
+            v = [g_t * vi + (1 - g_t) * g for vi, g in zip(v, grads, strict=True)]
+        else:
+            v = momentum(grads, t)
+        theta_prev, theta = theta, [p - lr * vi for p, vi in zip(theta, v, strict=True)]
+        out.append((query, theta))
+    return out

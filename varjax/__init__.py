@@ -8,6 +8,11 @@ from varjax.alias import (
     cautious_adamw,
     diffgrad,
     grams,
+    igt,
+    mars_adamw,
+    mars_lion,
+    mars_shampoo,
+    qhm,
     radam,
     simplified_ademamix,
 )
@@ -32,6 +37,17 @@ from varjax.rectification import (
     scale_by_grams,
     scale_by_radam,
 )
+from varjax.variance_reduction import (
+    igt_eval_params,
+    implicit_gradient_transport,
+    mars_correction,
+    mars_value_and_grad,
+    multi_momentum,
+    scale_by_mars,
+    scale_by_qhm,
+    scale_by_storm,
+    storm,
+)
 
 __version__ = "0.1.0"
 
@@ -48,7 +64,17 @@ __all__ = [
     "grams",
     "grokfast_ema",
     "grokfast_ma",
+    "igt",
+    "igt_eval_params",
+    "implicit_gradient_transport",
+    "mars_adamw",
+    "mars_correction",
+    "mars_lion",
+    "mars_shampoo",
+    "mars_value_and_grad",
     "multi_ema",
+    "multi_momentum",
+    "qhm",
     "radam",
     "rectification",
     "rectify",
@@ -58,8 +84,12 @@ __all__ = [
     "scale_by_adopt",
     "scale_by_diffgrad",
     "scale_by_grams",
+    "scale_by_mars",
+    "scale_by_qhm",
     "scale_by_radam",
     "scale_by_second_moment",
     "scale_by_simplified_ademamix",
+    "scale_by_storm",
     "simplified_ademamix",
+    "storm",
 ]

@@ -23,6 +23,7 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 __all__ = [
     "AdaptiveState",
     "abs_squared",
+    "adam_direction",
     "adaptive_step",
     "bias_correct",
     "cast_like",
@@ -235,6 +236,11 @@ def adaptive_step(
         nu_max = jax.tree.map(jnp.maximum, nu_max, nu_hat)
         nu_hat = nu_max
     return AdaptiveState(count=count, mu=mu, nu=nu, nu_max=nu_max), mu_hat, nu_hat
+
+
+def adam_direction(mu_hat: PyTree, nu_hat: PyTree, eps: Any) -> PyTree:
+    """Adam's step ``mu_hat / (sqrt(nu_hat) + eps)`` leaf by leaf."""
+    return jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
 
 
 def check_adam_hyperparameters(b1: Any, b2: Any, eps: Any) -> None:

@@ -29,6 +29,7 @@ from varjax._base import (
     AdaptiveState,
     PyTree,
     abs_squared,
+    adam_direction,
     adaptive_step,
     bias_correct,
     cast_like,
@@ -389,10 +390,6 @@ def scale_by_adopt(
 # --------------------------------------------------------------------------
 
 
-def _adam_direction(mu_hat: PyTree, nu_hat: PyTree, eps: Any) -> PyTree:
-    return jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
-
-
 def scale_by_grams(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -426,7 +423,7 @@ def scale_by_grams(
         del params
         state, mu_hat, nu_hat = adaptive_step(updates, state, b1, b2)
         out = jax.tree.map(
-            lambda d, g: jnp.sign(g) * jnp.abs(d), _adam_direction(mu_hat, nu_hat, eps), updates
+            lambda d, g: jnp.sign(g) * jnp.abs(d), adam_direction(mu_hat, nu_hat, eps), updates
         )
         return cast_like(out, updates), state
 
@@ -476,7 +473,7 @@ def scale_by_diffgrad(
         adaptive, mu_hat, nu_hat = adaptive_step(updates, state.adaptive, b1, b2)
         out = jax.tree.map(
             lambda d, g, prev: jax.nn.sigmoid(jnp.abs(prev - g)) * d,
-            _adam_direction(mu_hat, nu_hat, eps),
+            adam_direction(mu_hat, nu_hat, eps),
             updates,
             state.prev_grad,
         )
@@ -622,7 +619,7 @@ def scale_by_adamp(
                 bias_correct(state.mu, b1, state.count),
                 grad_hat,
             )
-        steps = _adam_direction(mu_hat, nu_hat, eps)
+        steps = adam_direction(mu_hat, nu_hat, eps)
 
         def leaf(step: jax.Array, grad: jax.Array, param: jax.Array) -> jax.Array:
             if param.ndim < 2:
