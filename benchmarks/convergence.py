@@ -1,4 +1,8 @@
-"""AdEMAMix versus AdamW over a long horizon, with and without the paper's schedulers.
+"""Convergence of varjax optimizers against AdamW on a small real model.
+
+Suites: ``ademamix`` (AdEMAMix with and without the paper's schedulers, over a
+long horizon) and ``mars`` (MARS-AdamW, approximate and exact, at AdamW's
+learning rate and at twice it, since the MARS paper runs MARS at a larger rate).
 
 Task: a character-level language model (an MLP over the previous ``--context``
 characters) trained on the source of Python's standard library, which ships with
@@ -7,11 +11,12 @@ optimizers start from the same initialisation and see the same batches. The
 slow EMA of AdEMAMix (b3 = 0.9999, a half-life of ~6900 steps) only matters over
 thousands of steps, hence the long run.
 
-Rerun (from the repository root; writes ``results/convergence_ademamix[_TAG].{md,json,png}``):
+Rerun (from the repository root; writes ``results/convergence_SUITE[_TAG].{md,json,png}``):
 
-    python benchmarks/convergence_ademamix.py --steps 24000 --batch 256 --log-every 500
-    python benchmarks/convergence_ademamix.py --steps 24000 --batch 256 --log-every 500 \
+    python benchmarks/convergence.py --steps 24000 --batch 256 --log-every 500
+    python benchmarks/convergence.py --steps 24000 --batch 256 --log-every 500 \
         --chars 2000000 --tag repeated     # a small text seen ~3.4 times
+    python benchmarks/convergence.py --suite mars --steps 12000 --batch 256 --log-every 500
 """
 
 from __future__ import annotations
@@ -84,9 +89,24 @@ def batches(tokens: np.ndarray, context: int, batch: int, steps: int, seed: int)
 
 
 def optimizers(
-    lr: float, steps: int, weight_decay: float
+    suite: str, lr: float, steps: int, weight_decay: float
 ) -> dict[str, optax.GradientTransformation]:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, steps // 20, steps)
+    """The optimizers of a suite; names ending in ``exact`` get the exact-form gradients."""
+
+    def schedule(peak: float) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(0.0, peak, steps // 20, steps)
+
+    if suite == "mars":
+        return {
+            "adamw": optax.adamw(schedule(lr), weight_decay=weight_decay),
+            "adamw (2x lr)": optax.adamw(schedule(2 * lr), weight_decay=weight_decay),
+            "mars_adamw": varjax.mars_adamw(schedule(lr), weight_decay=weight_decay),
+            "mars_adamw (2x lr)": varjax.mars_adamw(schedule(2 * lr), weight_decay=weight_decay),
+            "mars_adamw exact": varjax.mars_adamw(
+                schedule(lr), weight_decay=weight_decay, exact=True
+            ),
+        }
+    schedule = schedule(lr)
     return {
         "adamw": optax.adamw(schedule, weight_decay=weight_decay),
         "ademamix": varjax.ademamix(schedule, alpha=5.0, weight_decay=weight_decay),
@@ -100,21 +120,27 @@ def optimizers(
     }
 
 
-def train(tx, params, tokens, valid, args, seed: int) -> dict[str, list[float]]:
+def train(tx, params, tokens, valid, args, seed: int, exact: bool) -> dict[str, list[float]]:
     state = tx.init(params)
+    both_gradients = varjax.mars_value_and_grad(loss_fn)
 
     @jax.jit
-    def step(params, state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+    def step(params, previous, state, x, y):
+        if exact:  # the gradient at the previous parameters on this batch, too
+            loss, grads, previous_grads = both_gradients(params, previous, x, y)
+            updates, state = tx.update(grads, state, params, previous_grads=previous_grads)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), params, state, loss
 
     valid_loss = jax.jit(loss_fn)
     vx, vy = next(batches(valid, args.context, 4096, 1, 1234))
     history: dict[str, list[float]] = {"step": [], "train": [], "valid": []}
     running = []
+    previous = params
     for i, (x, y) in enumerate(batches(tokens, args.context, args.batch, args.steps, seed), 1):
-        params, state, loss = step(params, state, x, y)
+        params, previous, state, loss = step(params, previous, state, x, y)
         running.append(loss)
         if i % args.log_every == 0:
             history["step"].append(i)
@@ -126,6 +152,7 @@ def train(tx, params, tokens, valid, args, seed: int) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--suite", choices=["ademamix", "mars"], default="ademamix")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--context", type=int, default=16)
@@ -153,10 +180,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         params = init_model(jax.random.key(seed), vocab, args.context, 32, 512)
-        for name, tx in optimizers(args.lr, args.steps, args.weight_decay).items():
+        for name, tx in optimizers(args.suite, args.lr, args.steps, args.weight_decay).items():
             start = time.perf_counter()
+            exact = name.endswith("exact")
             results.setdefault(name, []).append(
-                train(tx, params, train_tokens, valid_tokens, args, seed)
+                train(tx, params, train_tokens, valid_tokens, args, seed, exact)
             )
             final = results[name][-1]["valid"][-1]
             print(
@@ -168,7 +196,7 @@ def main() -> None:
 
 
 def output(args, suffix: str) -> pathlib.Path:
-    return args.out / f"convergence_ademamix{args.tag and '_' + args.tag}{suffix}"
+    return args.out / f"convergence_{args.suite}{args.tag and '_' + args.tag}{suffix}"
 
 
 def title(args, n_tokens: int) -> str:
@@ -180,7 +208,7 @@ def write_results(results, args, vocab: int, n_tokens: int) -> None:
     """The table (markdown) and the raw curves (JSON)."""
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# AdEMAMix vs AdamW: character-level MLP on the Python standard library",
+        f"# {args.suite} suite vs AdamW: character-level MLP on the Python standard library",
         "",
         f"- {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
         f"{datetime.date.today().isoformat()}",

@@ -54,6 +54,16 @@ PAIRS: list[tuple[str, Callable[[], Any], str, Callable[[], Any]]] = [
         "optax.contrib.ademamix",
         lambda: optax.contrib.ademamix(LR),
     ),
+    ("mars_adamw", lambda: varjax.mars_adamw(LR), "optax.adamw", lambda: optax.adamw(LR)),
+    ("mars_lion", lambda: varjax.mars_lion(LR), "optax.lion", lambda: optax.lion(LR)),
+    (
+        "mars_shampoo",
+        lambda: varjax.mars_shampoo(LR),
+        "optax.contrib.muon",
+        lambda: optax.contrib.muon(LR),
+    ),
+    ("qhm", lambda: varjax.qhm(LR), "optax.sgd(momentum)", lambda: optax.sgd(LR, 0.9)),
+    ("igt", lambda: varjax.igt(LR, 0.9), "optax.sgd(momentum)", lambda: optax.sgd(LR, 0.9)),
     (
         "radam(amsgrad)",
         lambda: varjax.radam(LR, amsgrad=True),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+MARS_EXACT = "mars_adamw exact"
 
 
 def test_step_time_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
@@ -25,14 +26,24 @@ def test_step_time_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
     assert "| radam | optax.radam |" in next(tmp_path.glob("step_time_*.md")).read_text()
 
 
-def test_convergence_ademamix_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
-    command = [sys.executable, str(ROOT / "benchmarks" / "convergence_ademamix.py")]
+@pytest.mark.parametrize(
+    ("suite", "names"),
+    [
+        ("ademamix", ["adamw", "ademamix", "ademamix+schedulers"]),
+        (
+            "mars",
+            ["adamw", "adamw (2x lr)", "mars_adamw", "mars_adamw (2x lr)", "mars_adamw exact"],
+        ),
+    ],
+)
+def test_convergence_runs_and_writes_results(tmp_path: pathlib.Path, suite, names) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--suite", suite]
     command += ["--steps", "20", "--seeds", "1", "--batch", "8", "--log-every", "10"]
     command += ["--chars", "20000", "--tag", "smoke", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
-    record = json.loads((tmp_path / "convergence_ademamix_smoke.json").read_text())
-    assert list(record["results"]) == ["adamw", "ademamix", "ademamix+schedulers"]
+    record = json.loads((tmp_path / f"convergence_{suite}_smoke.json").read_text())
+    assert list(record["results"]) == names
     for (run,) in record["results"].values():
         assert run["step"] == [10, 20]
         assert all(np.isfinite(run["valid"])) and run["valid"][-1] < np.log(200)
-    assert (tmp_path / "convergence_ademamix_smoke.png").stat().st_size > 0
+    assert (tmp_path / f"convergence_{suite}_smoke.png").stat().st_size > 0
