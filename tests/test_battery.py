@@ -219,6 +219,25 @@ CASES = [
         ),
         bad=(("correction", 1.5),),
     ),
+    # min_size=0: quantize every state leaf, even the battery's tiny ones
+    Case(
+        "adam_8bit",
+        lambda **kw: varjax.adam_8bit(min_size=0, **kw),
+        bad=(("b1", 1.0), ("eps", -1.0), ("block_size", 0)),
+    ),
+    Case(
+        "adamw_8bit",
+        lambda min_size=0, **kw: varjax.adamw_8bit(min_size=min_size, **kw),
+        bad=(("min_size", -1),),
+    ),
+    Case("lion_8bit", lambda **kw: varjax.lion_8bit(min_size=0, **kw), 0.02, (("b2", 1.5),)),
+    Case("ademamix_8bit", lambda **kw: varjax.ademamix_8bit(b3=0.999, min_size=0, **kw)),
+    Case(
+        "quantized_mars_then_rate",
+        with_rate(
+            lambda **kw: varjax.quantization.quantize_state(varjax.scale_by_mars(**kw), min_size=0)
+        ),
+    ),
     Case(
         "multi_momentum",
         lambda learning_rate, **kw: with_clusters(

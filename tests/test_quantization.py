@@ -17,16 +17,23 @@
 from __future__ import annotations
 
 import bitsandbytes.functional as bnbf
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
+import varjax
 from varjax.quantization import (
+    SignedQuantized,
+    UnsignedQuantized,
     dequantize_blockwise,
     dynamic_map,
     linear_map,
     quantize_blockwise,
+    quantize_state,
+    state_bytes,
 )
 
 
@@ -111,3 +118,88 @@ def test_zero_block_and_bad_block_size() -> None:
     )
     with pytest.raises(ValueError, match="block_size"):
         quantize_blockwise(jnp.ones(4), dynamic_map(), 0)
+
+
+# --------------------------------------------------------------------------
+# quantize_state
+# --------------------------------------------------------------------------
+
+
+def adam_run(tx, steps=100, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(rng.standard_normal((64, 128)), jnp.float32), "b": jnp.zeros(8)}
+    state, update = tx.init(params), jax.jit(tx.update)
+    start = params
+    for _ in range(steps):
+        grads = {
+            "w": jnp.asarray(rng.standard_normal((64, 128)) * 0.1, jnp.float32)
+            + 0.05 * params["w"],
+            "b": jnp.asarray(rng.standard_normal(8), jnp.float32),
+        }
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return start, params, state
+
+
+def test_state_layout_and_bytes() -> None:
+    _, _, state = adam_run(varjax.adam_8bit(1e-3), steps=1)
+    adam = state[0].inner_state
+    assert isinstance(adam.mu["w"], SignedQuantized) and isinstance(adam.nu["w"], UnsignedQuantized)
+    assert adam.mu["w"].codes.dtype == jnp.uint8 and adam.mu["w"].codes.shape == (64, 128)
+    assert adam.mu["w"].absmax.shape == (64, 1)  # one block of 256 per row of 128
+    assert adam.mu["b"].dtype == jnp.float32  # under min_size: kept in float32
+    assert adam.count.dtype == jnp.int32
+    shapes = {"embed": (1024, 512), "kernel": (512, 2048), "bias": (2048,)}
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    assert state_bytes(varjax.adam_8bit(1e-3).init(params)) / n < 2.05
+    assert state_bytes(optax.adam(1e-3).init(params)) / n > 7.99
+
+
+def test_parameter_named_v_keeps_the_signed_map() -> None:
+    tx = quantize_state(optax.scale_by_adam(), min_size=0)
+    state = tx.init({"v": jnp.zeros((4, 4)), "nu": jnp.zeros((4, 4))})
+    assert isinstance(state.inner_state.mu["v"], SignedQuantized)
+    assert isinstance(state.inner_state.mu["nu"], SignedQuantized)
+    assert isinstance(state.inner_state.nu["v"], UnsignedQuantized)
+
+
+def test_close_to_float32_adam() -> None:
+    start, quantized, _ = adam_run(varjax.adam_8bit(1e-2))
+    _, exact, _ = adam_run(optax.adam(1e-2))
+    moved = np.abs(np.asarray(exact["w"] - start["w"]))
+    error = np.abs(np.asarray(quantized["w"] - exact["w"]))
+    # a regression bound from this run (measured ~1%), not a derived one: see the drift test to come
+    assert error.mean() < 0.03 * moved.mean()
+    np.testing.assert_allclose(quantized["b"], exact["b"], rtol=1e-6)  # the small leaf is exact
+
+
+def test_non_finite_gradient_skips_the_step() -> None:
+    tx = varjax.adam_8bit(1e-2, min_size=0)
+    params = {"w": jnp.ones((4, 8))}
+    state = tx.init(params)
+    grads = {"w": jnp.full((4, 8), 0.5)}
+    _, state = tx.update(grads, state, params)
+    bad = {"w": grads["w"].at[1, 2].set(jnp.nan)}
+    updates, new_state = jax.jit(tx.update)(bad, state, params)
+    np.testing.assert_array_equal(updates["w"], np.zeros((4, 8)))
+    assert int(new_state[0].skipped) == 1
+    before, after = state[0].inner_state, new_state[0].inner_state
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    updates, later = tx.update(grads, new_state, params)
+    assert np.all(np.isfinite(updates["w"])) and int(later[0].skipped) == 1
+
+
+def test_wraps_three_moment_and_extra_args_transforms() -> None:
+    params = {"w": jnp.ones((16, 16))}
+    grads = {"w": jnp.full((16, 16), 0.1)}
+    tx = quantize_state(varjax.scale_by_ademamix(), min_size=0)
+    state = tx.init(params)
+    moments = state.inner_state
+    assert isinstance(moments.nu["w"], UnsignedQuantized)
+    assert all(isinstance(m["w"], SignedQuantized) for m in moments.numerator_state.emas)
+    tx.update(grads, state, params)
+    exact = quantize_state(varjax.scale_by_mars(exact=True), min_size=0)
+    out, _ = exact.update(grads, exact.init(params), params, previous_grads=grads)
+    assert out["w"].shape == (16, 16)

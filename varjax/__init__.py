@@ -1,14 +1,19 @@
 """varjax: variance-aware optimizers for JAX, as composable Optax transforms."""
 
+from varjax import quantization
 from varjax.alias import (
+    adam_8bit,
     adam_atan2,
     adamp,
+    adamw_8bit,
     ademamix,
+    ademamix_8bit,
     adopt,
     cautious_adamw,
     diffgrad,
     grams,
     igt,
+    lion_8bit,
     mars_adamw,
     mars_lion,
     mars_shampoo,
@@ -52,9 +57,12 @@ from varjax.variance_reduction import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "adam_8bit",
     "adam_atan2",
     "adamp",
+    "adamw_8bit",
     "ademamix",
+    "ademamix_8bit",
     "ademamix_alpha_schedule",
     "ademamix_beta3_schedule",
     "adopt",
@@ -67,6 +75,7 @@ __all__ = [
     "igt",
     "igt_eval_params",
     "implicit_gradient_transport",
+    "lion_8bit",
     "mars_adamw",
     "mars_correction",
     "mars_lion",
@@ -75,6 +84,7 @@ __all__ = [
     "multi_ema",
     "multi_momentum",
     "qhm",
+    "quantization",
     "radam",
     "rectification",
     "rectify",

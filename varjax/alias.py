@@ -17,16 +17,21 @@ import optax
 
 from varjax import multi_ema, rectification, variance_reduction
 from varjax._base import ScalarOrSchedule, check_adam_hyperparameters, check_interval
+from varjax.quantization import quantize_state
 
 __all__ = [
+    "adam_8bit",
     "adam_atan2",
     "adamp",
+    "adamw_8bit",
     "ademamix",
+    "ademamix_8bit",
     "adopt",
     "cautious_adamw",
     "diffgrad",
     "grams",
     "igt",
+    "lion_8bit",
     "mars_adamw",
     "mars_lion",
     "mars_shampoo",
@@ -500,3 +505,116 @@ def igt(
         optax.scale_by_learning_rate(learning_rate),
     )
     return variance_reduction.implicit_gradient_transport(inner, gamma)
+
+
+_EIGHT_BIT_DOC = """
+    The optimizer state is kept block-wise quantized to 8 bits by
+    :func:`varjax.quantization.quantize_state` (dynamic map, blocks of
+    ``block_size`` along the last axis, leaves under ``min_size`` elements in
+    float32, steps with a non-finite gradient skipped): about 2 bytes per
+    parameter instead of 8 for two moments.
+"""
+
+
+def adam_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    block_size: int = 256,
+    min_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam with 8-bit state (Dettmers et al., 2022), as bitsandbytes' ``Adam8bit``.
+    {doc}
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.adam_8bit(1e-3)
+      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+    block = quantize_state(
+        optax.scale_by_adam(b1, b2, eps), block_size=block_size, min_size=min_size
+    )
+    return _with_decay_and_rate(block, learning_rate)
+
+
+def adamw_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    mask: MaskOrFn = None,
+    block_size: int = 256,
+    min_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with 8-bit state. ``weight_decay=1e-4`` as ``optax.adamw`` (bitsandbytes'
+    ``AdamW8bit`` defaults to 1e-2).
+    {doc}
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.adamw_8bit(1e-3, weight_decay=0.1)
+      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+    block = quantize_state(
+        optax.scale_by_adam(b1, b2, eps), block_size=block_size, min_size=min_size
+    )
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def lion_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: ScalarOrSchedule = 1e-3,
+    *,
+    mask: MaskOrFn = None,
+    block_size: int = 256,
+    min_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+    """Lion (Chen et al., 2023) with 8-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
+    {doc}
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.lion_8bit(1e-4)
+      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
+    """
+    check_interval("b1", b1, 0.0, 1.0)
+    check_interval("b2", b2, 0.0, 1.0)
+    block = quantize_state(optax.scale_by_lion(b1, b2), block_size=block_size, min_size=min_size)
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def ademamix_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    block_size: int = 256,
+    min_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+    """AdEMAMix (:func:`varjax.ademamix`) with its three moments in 8 bits, as
+    bitsandbytes' ``AdEMAMix8bit``.
+    {doc}
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.ademamix_8bit(1e-3)
+      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
+    """
+    block = quantize_state(
+        multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps),
+        block_size=block_size,
+        min_size=min_size,
+    )
+    return _with_decay_and_rate(block, learning_rate, weight_decay)
+
+
+for _fn in (adam_8bit, adamw_8bit, lion_8bit, ademamix_8bit):
+    _fn.__doc__ = _fn.__doc__.format(doc=_EIGHT_BIT_DOC)

@@ -1,7 +1,8 @@
 """Blockwise quantized optimizer state (Dettmers et al., 2022, "8-bit Optimizers via
 Block-wise Quantization"): the quantization codes and block-wise absmax quantization.
 
-This first part ships the building blocks; the ``quantize_state`` wrapper comes next.
+:func:`quantize_state` keeps any transform's state in 8 bits between steps; the
+ready ``varjax.adam_8bit``, ``adamw_8bit``, ``lion_8bit`` and ``ademamix_8bit`` use it.
 
 Example:
   >>> import jax.numpy as jnp
@@ -17,5 +18,22 @@ Example:
 
 from varjax.quantization.blockwise import dequantize_blockwise, quantize_blockwise
 from varjax.quantization.codes import dynamic_map, linear_map
+from varjax.quantization.wrapper import (
+    QuantizedState,
+    SignedQuantized,
+    UnsignedQuantized,
+    quantize_state,
+    state_bytes,
+)
 
-__all__ = ["dequantize_blockwise", "dynamic_map", "linear_map", "quantize_blockwise"]
+__all__ = [
+    "QuantizedState",
+    "SignedQuantized",
+    "UnsignedQuantized",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "linear_map",
+    "quantize_blockwise",
+    "quantize_state",
+    "state_bytes",
+]
