@@ -1,8 +1,10 @@
 """Convergence of varjax optimizers against AdamW on a small real model.
 
 Suites: ``ademamix`` (AdEMAMix with and without the paper's schedulers, over a
-long horizon) and ``mars`` (MARS-AdamW, approximate and exact, at AdamW's
-learning rate and at twice it, since the MARS paper runs MARS at a larger rate).
+long horizon), ``mars`` (MARS-AdamW, approximate and exact, at AdamW's
+learning rate and at twice it, since the MARS paper runs MARS at a larger rate)
+and ``quantized`` (AdamW with 8-bit and 4-bit state, nearest and stochastic
+rounding).
 
 Task: a character-level language model (an MLP over the previous ``--context``
 characters) trained on the source of Python's standard library, which ships with
@@ -17,6 +19,7 @@ Rerun (from the repository root; writes ``results/convergence_SUITE[_TAG].{md,js
     python benchmarks/convergence.py --steps 24000 --batch 256 --log-every 500 \
         --chars 2000000 --tag repeated     # a small text seen ~3.4 times
     python benchmarks/convergence.py --suite mars --steps 12000 --batch 256 --log-every 500
+    python benchmarks/convergence.py --suite quantized --steps 12000 --batch 256 --log-every 500
 """
 
 from __future__ import annotations
@@ -106,6 +109,15 @@ def optimizers(
                 schedule(lr), weight_decay=weight_decay, exact=True
             ),
         }
+    if suite == "quantized":
+        return {
+            "adamw": optax.adamw(schedule(lr), weight_decay=weight_decay),
+            "adamw_8bit": varjax.adamw_8bit(schedule(lr), weight_decay=weight_decay),
+            "adamw_4bit": varjax.adamw_4bit(schedule(lr), weight_decay=weight_decay),
+            "adamw_4bit stochastic": varjax.adamw_4bit(
+                schedule(lr), weight_decay=weight_decay, stochastic_rounding=True
+            ),
+        }
     schedule = schedule(lr)
     return {
         "adamw": optax.adamw(schedule, weight_decay=weight_decay),
@@ -152,7 +164,7 @@ def train(tx, params, tokens, valid, args, seed: int, exact: bool) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--suite", choices=["ademamix", "mars"], default="ademamix")
+    parser.add_argument("--suite", choices=["ademamix", "mars", "quantized"], default="ademamix")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--context", type=int, default=16)

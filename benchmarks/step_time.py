@@ -63,6 +63,7 @@ PAIRS: list[tuple[str, Callable[[], Any], str, Callable[[], Any]]] = [
         lambda: optax.contrib.muon(LR),
     ),
     ("adamw_8bit", lambda: varjax.adamw_8bit(LR), "optax.adamw", lambda: optax.adamw(LR)),
+    ("adamw_4bit", lambda: varjax.adamw_4bit(LR), "optax.adamw", lambda: optax.adamw(LR)),
     ("lion_8bit", lambda: varjax.lion_8bit(LR), "optax.lion", lambda: optax.lion(LR)),
     ("qhm", lambda: varjax.qhm(LR), "optax.sgd(momentum)", lambda: optax.sgd(LR, 0.9)),
     ("igt", lambda: varjax.igt(LR, 0.9), "optax.sgd(momentum)", lambda: optax.sgd(LR, 0.9)),

@@ -230,6 +230,11 @@ CASES = [
         lambda min_size=0, **kw: varjax.adamw_8bit(min_size=min_size, **kw),
         bad=(("min_size", -1),),
     ),
+    Case(
+        "adamw_4bit",
+        lambda **kw: varjax.adamw_4bit(min_size=0, **kw),
+        bad=(("b2", 1.0), ("block_size", 0)),
+    ),
     Case("lion_8bit", lambda **kw: varjax.lion_8bit(min_size=0, **kw), 0.02, (("b2", 1.5),)),
     Case("ademamix_8bit", lambda **kw: varjax.ademamix_8bit(b3=0.999, min_size=0, **kw)),
     Case(

@@ -34,6 +34,7 @@ def test_step_time_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
             "mars",
             ["adamw", "adamw (2x lr)", "mars_adamw", "mars_adamw (2x lr)", "mars_adamw exact"],
         ),
+        ("quantized", ["adamw", "adamw_8bit", "adamw_4bit", "adamw_4bit stochastic"]),
     ],
 )
 def test_convergence_runs_and_writes_results(tmp_path: pathlib.Path, suite, names) -> None:

@@ -16,25 +16,39 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import bitsandbytes.backends.cpu.ops as bnb_cpu_ops
 import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import torch
 
 import varjax
 from varjax.quantization import (
-    SignedQuantized,
-    UnsignedQuantized,
+    QuantizedArray,
+    default_maps,
     dequantize_blockwise,
     dynamic_map,
     linear_map,
+    nearest_index,
+    pack_4bit,
     quantize_blockwise,
     quantize_state,
     state_bytes,
+    unpack_4bit,
 )
+
+
+def is_quantized(x, signed: bool, bits: int = 8) -> bool:
+    return isinstance(x, QuantizedArray) and x.signed == signed and x.bits == bits
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -144,7 +158,7 @@ def adam_run(tx, steps=100, seed=0):
 def test_state_layout_and_bytes() -> None:
     _, _, state = adam_run(varjax.adam_8bit(1e-3), steps=1)
     adam = state[0].inner_state
-    assert isinstance(adam.mu["w"], SignedQuantized) and isinstance(adam.nu["w"], UnsignedQuantized)
+    assert is_quantized(adam.mu["w"], True) and is_quantized(adam.nu["w"], False)
     assert adam.mu["w"].codes.dtype == jnp.uint8 and adam.mu["w"].codes.shape == (64, 128)
     assert adam.mu["w"].absmax.shape == (64, 1)  # one block of 256 per row of 128
     assert adam.mu["b"].dtype == jnp.float32  # under min_size: kept in float32
@@ -159,19 +173,9 @@ def test_state_layout_and_bytes() -> None:
 def test_parameter_named_v_keeps_the_signed_map() -> None:
     tx = quantize_state(optax.scale_by_adam(), min_size=0)
     state = tx.init({"v": jnp.zeros((4, 4)), "nu": jnp.zeros((4, 4))})
-    assert isinstance(state.inner_state.mu["v"], SignedQuantized)
-    assert isinstance(state.inner_state.mu["nu"], SignedQuantized)
-    assert isinstance(state.inner_state.nu["v"], UnsignedQuantized)
-
-
-def test_close_to_float32_adam() -> None:
-    start, quantized, _ = adam_run(varjax.adam_8bit(1e-2))
-    _, exact, _ = adam_run(optax.adam(1e-2))
-    moved = np.abs(np.asarray(exact["w"] - start["w"]))
-    error = np.abs(np.asarray(quantized["w"] - exact["w"]))
-    # a regression bound from this run (measured ~1%), not a derived one: see the drift test to come
-    assert error.mean() < 0.03 * moved.mean()
-    np.testing.assert_allclose(quantized["b"], exact["b"], rtol=1e-6)  # the small leaf is exact
+    assert is_quantized(state.inner_state.mu["v"], True)
+    assert is_quantized(state.inner_state.mu["nu"], True)
+    assert is_quantized(state.inner_state.nu["v"], False)
 
 
 def test_non_finite_gradient_skips_the_step() -> None:
@@ -197,9 +201,306 @@ def test_wraps_three_moment_and_extra_args_transforms() -> None:
     tx = quantize_state(varjax.scale_by_ademamix(), min_size=0)
     state = tx.init(params)
     moments = state.inner_state
-    assert isinstance(moments.nu["w"], UnsignedQuantized)
-    assert all(isinstance(m["w"], SignedQuantized) for m in moments.numerator_state.emas)
+    assert is_quantized(moments.nu["w"], False)
+    assert all(is_quantized(m["w"], True) for m in moments.numerator_state.emas)
     tx.update(grads, state, params)
     exact = quantize_state(varjax.scale_by_mars(exact=True), min_size=0)
     out, _ = exact.update(grads, exact.init(params), params, previous_grads=grads)
     assert out["w"].shape == (16, 16)
+
+
+# --------------------------------------------------------------------------
+# 4 bits and stochastic rounding
+# --------------------------------------------------------------------------
+
+
+def test_four_bit_maps() -> None:
+    signed, unsigned = default_maps(4)
+    # bitsandbytes pads its 4-bit dynamic map to 256 entries with zeros
+    theirs = bnbf.create_dynamic_map(True, 3, 4).numpy()
+    np.testing.assert_array_equal(np.unique(signed), np.unique(theirs))
+    assert signed.size == 16 and np.unique(signed).size == 16
+    # Li et al. (2023): the second-moment map has no zero, so 1/sqrt(v) stays bounded
+    np.testing.assert_array_equal(unsigned, torch.linspace(0, 1, 17)[1:].numpy())
+    np.testing.assert_array_equal(default_maps(8)[1], dynamic_map(False))
+    with pytest.raises(ValueError, match="bits"):
+        default_maps(3)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (2, 3, 4)])
+def test_pack_4bit_round_trip(shape) -> None:
+    codes = np.random.default_rng(0).integers(0, 16, shape).astype(np.uint8)
+    packed = pack_4bit(jnp.asarray(codes))
+    n = shape[-1] if shape else 1
+    assert packed.dtype == jnp.uint8 and packed.shape == (*shape[:-1], -(-n // 2))
+    np.testing.assert_array_equal(unpack_4bit(packed, n).reshape(shape), codes)
+
+
+@pytest.mark.parametrize("code", [dynamic_map(True), default_maps(4)[1]], ids=["8bit", "4bit"])
+def test_stochastic_rounding_is_unbiased(code) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.uniform(code.min(), 1.0, 1024).astype(np.float32)
+    x[0] = 1.0  # the block absmax is 1, so x is its own scaled value
+    keys = jax.random.split(jax.random.key(0), 2000)
+    codes = jax.vmap(lambda k: quantize_blockwise(jnp.asarray(x), code, 1024, key=k)[0])(keys)
+    codes = np.asarray(codes).astype(int)
+    lower = np.searchsorted(code, x, side="right") - 1
+    assert np.all((codes == lower) | (codes == np.minimum(lower + 1, code.size - 1)))
+    values = code[codes]
+    gap = code[np.minimum(lower + 1, code.size - 1)] - code[lower]
+    # each draw is lower or upper: a Bernoulli with standard deviation <= gap / 2
+    z = np.abs(values.mean(axis=0) - x) / np.maximum(gap / 2 / np.sqrt(len(keys)), 1e-12)
+    assert z.max() < 5.0
+    # an exact entry is kept, whatever the key
+    on_entry = jnp.asarray(code[[3, 9, -1]])
+    exact, _ = quantize_blockwise(on_entry, code, 4, key=jax.random.key(1))
+    assert np.asarray(exact).tolist() == [3, 9, code.size - 1]
+
+
+def test_four_bit_state_layout() -> None:
+    _, _, state = adam_run(varjax.adam_4bit(1e-3), steps=1)
+    adam = state[0].inner_state
+    assert is_quantized(adam.mu["w"], True, 4) and is_quantized(adam.nu["w"], False, 4)
+    assert adam.mu["w"].codes.shape == (64, 64)  # two codes per byte
+    assert adam.mu["w"].absmax.shape == (64, 1)  # blocks of 128
+    assert adam.mu["b"].dtype == jnp.float32
+
+
+def gpt2_small_shapes() -> dict:
+    """The parameter shapes of GPT-2 small (124M): embeddings, 12 blocks, final norm."""
+    d, shapes = 768, {"wte": (50257, 768), "wpe": (1024, 768), "ln_f": (2, 768)}
+    for i in range(12):
+        for name, shape in {
+            "qkv": (d, 3 * d), "qkv_b": (3 * d,), "proj": (d, d), "proj_b": (d,),
+            "fc": (d, 4 * d), "fc_b": (4 * d,), "out": (4 * d, d), "out_b": (d,),
+            "ln_1": (2, d), "ln_2": (2, d),
+        }.items():  # fmt: skip
+            shapes[f"h{i}.{name}"] = shape
+    return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    ("make", "most"), [(varjax.adam_8bit, 2.05), (varjax.adam_4bit, 1.07), (optax.adam, 8.0001)]
+)
+def test_state_bytes_per_parameter(make, most) -> None:
+    params = gpt2_small_shapes()
+    n = sum(int(np.prod(p.shape)) for p in params.values())
+    per_param = state_bytes(jax.eval_shape(make(1e-3).init, params)) / n
+    assert per_param <= most and per_param > most - 0.1
+
+
+@pytest.mark.parametrize("make", [varjax.adam_4bit, varjax.adam_8bit])
+def test_stochastic_rounding_state(make) -> None:
+    tx = make(1e-2, stochastic_rounding=True)
+    _, first, state = adam_run(tx, steps=20)
+    assert state[0].key is not None
+    _, again, _ = adam_run(make(1e-2, stochastic_rounding=True), steps=20)
+    _, other, _ = adam_run(
+        optax.chain(
+            quantize_state(optax.scale_by_adam(), bits=state[0].inner_state.mu["w"].bits,
+                           stochastic_rounding=True, seed=1),
+            optax.scale(-1e-2),
+        ),
+        steps=20,
+    )  # fmt: skip
+    np.testing.assert_array_equal(first["w"], again["w"])
+    assert not np.array_equal(first["w"], other["w"])
+
+
+def test_stochastic_rounding_checkpoint_continues_identically(tmp_path) -> None:
+    """The rounding key lives in the state: an Orbax round trip continues bit for bit."""
+    tx = varjax.adamw_4bit(1e-2, stochastic_rounding=True, min_size=0)
+    params = {"w": jnp.ones((8, 300)), "b": jnp.zeros(3)}
+    grads = [jax.tree.map(lambda p, i=i: jnp.sin(p + i), params) for i in range(6)]
+    update = jax.jit(tx.update)
+
+    def run(params, state, steps):
+        for g in steps:
+            updates, state = update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    params, state = run(params, tx.init(params), grads[:3])
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "state", {"params": params, "state": state})
+    checkpointer.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "state": state})
+    restored = checkpointer.restore(tmp_path / "state", target)
+    expected = run(params, state, grads[3:])
+    again = run(restored["params"], restored["state"], grads[3:])
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    eager = tx.update(grads[3], state, params)  # outside jit: the same numbers
+    jitted = update(grads[3], state, params)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "arg"),
+    [
+        ({"bits": 3}, "bits"),
+        ({"signed_map": np.zeros(256)}, "signed_map"),
+        ({"bits": 4, "unsigned_map": dynamic_map(False)}, "unsigned_map"),
+        ({"unsigned_map": -linear_map(False)[::-1]}, "unsigned_map"),
+    ],
+)
+def test_bad_quantization_arguments(kwargs, arg) -> None:
+    with pytest.raises(ValueError, match=arg):
+        quantize_state(optax.scale_by_adam(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "bits", "within"),
+    [(varjax.adam_4bit, 4, 0.2), (varjax.adam_8bit, 8, 0.03)],
+)
+def test_low_bit_close_to_float32_adam(make, bits, within) -> None:
+    start, quantized, state = adam_run(make(1e-2))
+    _, exact, _ = adam_run(optax.adam(1e-2))
+    assert state[0].inner_state.mu["w"].bits == bits
+    moved = np.abs(np.asarray(exact["w"] - start["w"]))
+    error = np.abs(np.asarray(quantized["w"] - exact["w"]))
+    # regression bounds from this run (measured 14.6% and 1.0%), not derived ones
+    assert error.mean() < within * moved.mean()
+    np.testing.assert_allclose(quantized["b"], exact["b"], rtol=1e-6)  # the small leaf is exact
+
+
+@pytest.mark.parametrize(
+    "code",
+    [dynamic_map(True), dynamic_map(False), linear_map(True), *default_maps(4)],
+    ids=["dynamic", "dynamic-unsigned", "linear", "4bit", "4bit-unsigned"],
+)
+def test_bucket_table_search_equals_binary_search(code) -> None:
+    """The table lookup over float32 bit patterns equals counting midpoints, edges included."""
+    rng = np.random.default_rng(3)
+    midpoints = (code[:-1] + code[1:]) / np.float32(2)
+    tiny = 10.0 ** rng.uniform(-45, 0, 20000) * rng.choice([-1, 1], 20000)
+    x = np.concatenate(
+        [
+            rng.uniform(-1, 1, 20000),
+            tiny,
+            code,
+            midpoints,
+            np.nextafter(midpoints, np.float32(2)),
+            np.nextafter(midpoints, np.float32(-2)),
+            [0.0, -0.0, 1.0, -1.0],
+        ]
+    ).astype(np.float32)
+    x = np.clip(x, -1.0 if code.min() < 0 else 0.0, 1.0)
+    x[np.abs(x) < np.finfo(np.float32).tiny] = 0.0  # XLA flushes subnormals to zero
+    expected = np.sum(x[:, None] > midpoints[None, :], axis=1)
+    np.testing.assert_array_equal(np.asarray(nearest_index(jnp.asarray(x), code)), expected)
+    traced = nearest_index(jnp.asarray(x), jnp.asarray(code))  # a jax map: the binary search
+    np.testing.assert_array_equal(np.asarray(traced), expected)
+
+
+def nearest_quantize_torch(x, code, absmax_out, codes_out, block_size) -> None:
+    """bitsandbytes' CPU state quantizer with its entry search replaced by the nearest
+    entry (ties to the lower), in varjax's float32 arithmetic."""
+    blocks = x.reshape(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp_min(1e-38))[:, None]).clamp(-1.0, 1.0)
+    midpoints = (code[:-1] + code[1:]) / 2
+    index = torch.searchsorted(midpoints, scaled.reshape(-1), side="left").to(torch.uint8)
+    codes_out.copy_(index.reshape(codes_out.shape))
+    absmax_out.copy_(absmax.reshape(absmax_out.shape))
+
+
+def adam8bit_trajectories(steps: int = 100, lr: float = 1e-3):
+    """``varjax.adam_8bit`` and bitsandbytes' ``Adam8bit`` (CPU) on one gradient sequence."""
+    rng = np.random.default_rng(4)
+    shape = (64, 256)  # rows of 256: bitsandbytes' flat blocks are our rows' blocks
+    start = rng.standard_normal(shape).astype(np.float32)
+    scales = rng.uniform(0.1, 2.0, (64, 1))
+    grads = [(rng.standard_normal(shape) * scales).astype(np.float32) for _ in range(steps)]
+    weight = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    theirs = bnb.optim.Adam8bit([weight], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    tx = varjax.adam_8bit(lr)
+    params = {"w": jnp.asarray(start)}
+    state, update = tx.init(params), jax.jit(tx.update)
+    for g in grads:
+        weight.grad = torch.from_numpy(g)
+        theirs.step()
+        updates, state = update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+    ours = state[0].inner_state
+    codes = {
+        "state1": (np.asarray(ours.mu["w"].codes), theirs.state[weight]["state1"].numpy()),
+        "state2": (np.asarray(ours.nu["w"].codes), theirs.state[weight]["state2"].numpy()),
+    }
+    same = {k: float(np.mean(a.ravel() == b.ravel())) for k, (a, b) in codes.items()}
+    return start, np.asarray(params["w"]), weight.detach().numpy(), same
+
+
+@pytest.mark.parametrize("search", ["nearest", "bitsandbytes"])
+def test_trajectory_matches_bitsandbytes_adam8bit(search, monkeypatch) -> None:
+    """100 steps against bitsandbytes' ``Adam8bit`` (its CPU kernel).
+
+    Same maps, blocks, bias corrections and eps placement; float32 arithmetic
+    equal up to the order of operations. With bitsandbytes' state quantizer
+    given the nearest-entry search ("nearest"), the codes agree to 100% and
+    99.994% and the weights to 4.7e-6 (float32 rounding order) after 100 steps.
+    With its own C search ("bitsandbytes"), which picks a farther entry for
+    0.13% of first moments and 3.2% of second moments at the first step (see
+    the module docstring), the differing codes persist in the EMAs: 91.6% and
+    84.2% agree after 100 steps. A step moves a weight by at most about ``lr``
+    and a code one entry off changes that by a fraction of it: the weights then
+    differ by at most 6.9e-4 (0.7 lr), 0.3% of the distance moved on average.
+    """
+    if search == "nearest":
+        monkeypatch.setattr(bnb_cpu_ops, "_quant_blockwise_fp32_direct", nearest_quantize_torch)
+    lr = 1e-3
+    start, ours, theirs, same = adam8bit_trajectories(lr=lr)
+    moved = np.abs(ours - start).mean()
+    difference = np.abs(ours - theirs)
+    assert moved > 5 * lr
+    if search == "nearest":
+        assert min(same.values()) >= 0.999, same
+        assert difference.max() < 0.01 * lr
+    else:
+        assert min(same.values()) >= 0.8, same
+        assert difference.max() < lr and difference.mean() < 0.01 * moved
+
+
+SHARDING_SCRIPT = r"""
+import jax, jax.numpy as jnp, optax, varjax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+assert len(jax.devices()) == 8
+mesh = Mesh(jax.devices(), ("d",))
+specs = {"rows": P("d", None), "cols": P(None, "d"), "vector": P("d")}
+shapes = {"rows": (64, 384), "cols": (16, 4096), "vector": (8192,)}
+params = {
+    k: jax.device_put(jnp.ones(shapes[k]) * 0.5, NamedSharding(mesh, specs[k])) for k in shapes
+}
+for make, block in ((varjax.adamw_8bit, 256), (varjax.adamw_4bit, 128)):
+    tx = make(1e-3, min_size=0)
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    hlo = step.lower(params, state, params).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, "state gathered"
+    _, state = step(params, state, params)
+    for k in shapes:
+        for moment in (state[0].inner_state.mu[k], state[0].inner_state.nu[k]):
+            for leaf in (moment.codes, moment.absmax):
+                assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), leaf.ndim), (
+                    make.__name__, k, leaf.shape, leaf.sharding
+                )
+print("sharded ok")
+"""
+
+
+def test_quantized_state_keeps_sharding(tmp_path) -> None:
+    """On 8 host devices, state codes and absmax keep the parameter's sharding and the
+    step gathers nothing (blocks run along the last axis, never across shards)."""
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDING_SCRIPT)
+    env = os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded ok" in result.stdout

@@ -2,17 +2,21 @@
 
 from varjax import quantization
 from varjax.alias import (
+    adam_4bit,
     adam_8bit,
     adam_atan2,
     adamp,
+    adamw_4bit,
     adamw_8bit,
     ademamix,
+    ademamix_4bit,
     ademamix_8bit,
     adopt,
     cautious_adamw,
     diffgrad,
     grams,
     igt,
+    lion_4bit,
     lion_8bit,
     mars_adamw,
     mars_lion,
@@ -57,11 +61,14 @@ from varjax.variance_reduction import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "adam_4bit",
     "adam_8bit",
     "adam_atan2",
     "adamp",
+    "adamw_4bit",
     "adamw_8bit",
     "ademamix",
+    "ademamix_4bit",
     "ademamix_8bit",
     "ademamix_alpha_schedule",
     "ademamix_beta3_schedule",
@@ -75,6 +82,7 @@ __all__ = [
     "igt",
     "igt_eval_params",
     "implicit_gradient_transport",
+    "lion_4bit",
     "lion_8bit",
     "mars_adamw",
     "mars_correction",

@@ -1,8 +1,9 @@
 """Blockwise quantized optimizer state (Dettmers et al., 2022, "8-bit Optimizers via
 Block-wise Quantization"): the quantization codes and block-wise absmax quantization.
 
-:func:`quantize_state` keeps any transform's state in 8 bits between steps; the
-ready ``varjax.adam_8bit``, ``adamw_8bit``, ``lion_8bit`` and ``ademamix_8bit`` use it.
+:func:`quantize_state` keeps any transform's state in 8 or 4 bits between steps;
+the ready ``varjax.adam_8bit``, ``adamw_8bit``, ``lion_8bit``, ``ademamix_8bit``
+and their 4-bit variants use it.
 
 Example:
   >>> import jax.numpy as jnp
@@ -16,24 +17,32 @@ Example:
   True
 """
 
-from varjax.quantization.blockwise import dequantize_blockwise, quantize_blockwise
-from varjax.quantization.codes import dynamic_map, linear_map
+from varjax.quantization.blockwise import (
+    dequantize_blockwise,
+    nearest_index,
+    pack_4bit,
+    quantize_blockwise,
+    unpack_4bit,
+)
+from varjax.quantization.codes import default_maps, dynamic_map, linear_map
 from varjax.quantization.wrapper import (
+    QuantizedArray,
     QuantizedState,
-    SignedQuantized,
-    UnsignedQuantized,
     quantize_state,
     state_bytes,
 )
 
 __all__ = [
+    "QuantizedArray",
     "QuantizedState",
-    "SignedQuantized",
-    "UnsignedQuantized",
+    "default_maps",
     "dequantize_blockwise",
     "dynamic_map",
     "linear_map",
+    "nearest_index",
+    "pack_4bit",
     "quantize_blockwise",
     "quantize_state",
     "state_bytes",
+    "unpack_4bit",
 ]

@@ -9,6 +9,8 @@ any axis but the last stays sharded, and no block mixes data from two devices.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,28 +28,118 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], (n + pad) // block_size, block_size)
 
 
-def nearest_index(scaled: jax.Array, code: jax.Array) -> jax.Array:
-    """Index of the nearest entry of the sorted ``code`` to each value (ties to the lower).
+def _count_below(values: jax.Array, table: jax.Array, *, inclusive: bool) -> jax.Array:
+    """How many entries of the sorted ``table`` lie below each value (``<=`` if inclusive).
+
+    A branch-free binary search of ``log2(len(table))`` steps, each a gather from
+    the small table. On an H100 this ran 7.6x faster than ``jnp.searchsorted``'s
+    default (64M values: 1.0 ms against 7.8 ms), with identical results.
+    """
+    steps = max(1, (table.shape[0]).bit_length())
+    padded = jnp.concatenate([table, jnp.full((2**steps - table.shape[0],), jnp.inf, table.dtype)])
+    below = jnp.greater_equal if inclusive else jnp.greater
+    first = 2 ** (steps - 1)  # the first threshold is one scalar: no gather to constant-fold
+    count = jnp.where(below(values, padded[first - 1]), first, 0).astype(jnp.int32)
+    for k in (2**j for j in reversed(range(steps - 1))):
+        count = count + jnp.where(below(values, padded[count + k - 1]), k, 0)
+    return count
+
+
+def _midpoints(code: np.ndarray) -> np.ndarray:
+    """Float32 midpoints of neighbouring entries, computed as ``(a + b) / 2`` in float32."""
+    code = np.asarray(code, np.float32)
+    return (code[:-1] + code[1:]) / np.float32(2)
+
+
+_SMALLEST_EXPONENT = 127 - 40  # magnitudes below 2**-40 share the bucket of 0
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray] | None:
+    """A lookup table for :func:`nearest_index` over buckets of float32 bit patterns.
+
+    A value's bucket is its sign, exponent and top ``m`` mantissa bits, so a bucket
+    spans a relative width of at most ``2**-m``. The table holds, per bucket, the
+    number of midpoints strictly below every value of the bucket. With ``m`` chosen
+    so that no bucket holds more than one midpoint, the nearest index is the table
+    entry plus one comparison with the next midpoint. ``None`` when no ``m`` up to
+    12 works (the caller then uses the binary search).
+    """
+    midpoints = _midpoints(np.frombuffer(code_bytes, np.float32))
+    for m in range(3, 13):
+        low_key, high_key = _SMALLEST_EXPONENT << m, 127 << m  # 1.0 is the largest |value|
+        keys = np.arange(low_key, high_key + 1, dtype=np.uint32)
+        shift = np.uint32(23 - m)
+        low = (keys << shift).view(np.float32).astype(np.float64)
+        high = (((keys + np.uint32(1)) << shift) - np.uint32(1)).view(np.float32).astype(np.float64)
+        low[0] = 0.0  # the first bucket also holds every smaller magnitude
+        mids = midpoints.astype(np.float64)
+        tables, fits = [], True
+        for lo, hi in ((low, high), (-high, -low)):  # positive, then negative values
+            below = np.searchsorted(mids, lo, side="left")  # midpoints < lo
+            inside = np.searchsorted(mids, hi, side="right") - below  # lo <= midpoint <= hi
+            fits &= bool(np.all(inside <= 1))
+            tables.append(below)
+        if fits:
+            table = np.concatenate(tables)
+            return m, table.astype(np.uint8 if table.max() < 256 else np.int32)
+    return None
+
+
+def _count_below_by_buckets(scaled: jax.Array, code: np.ndarray) -> jax.Array | None:
+    found = _bucket_table(np.asarray(code, np.float32).tobytes())
+    if found is None:
+        return None
+    m, table = found
+    bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32)
+    low_key, high_key = _SMALLEST_EXPONENT << m, 127 << m
+    key = jnp.clip((bits & 0x7FFFFFFF) >> (23 - m), low_key, high_key) - low_key
+    key = key.astype(jnp.int32) + (bits >> 31).astype(jnp.int32) * (high_key - low_key + 1)
+    count = jnp.asarray(table)[key].astype(jnp.int32)
+    padded = np.concatenate([_midpoints(code), np.float32([np.inf])])
+    return count + (scaled > jnp.asarray(padded)[count]).astype(jnp.int32)
+
+
+def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
+    """Index of the nearest entry of the sorted ``code`` to each value in [-1, 1]
+    (ties to the lower entry).
 
     That is the number of midpoints between neighbouring entries that lie
-    strictly below the value. It is found by a branch-free binary search of
-    ``log2(len(code))`` steps, each a gather from the small midpoint table.
-    On an H100 this ran 7.6x faster than ``jnp.searchsorted``'s default
-    (64M values: 1.0 ms against 7.8 ms), with identical results.
+    strictly below the value. For a map known at trace time (a NumPy array),
+    a precomputed table over the values' float32 bit patterns gives it with
+    two gathers; otherwise, a binary search with ``log2(len(code))`` gathers.
+    On an H200 the binary search took 0.78 ms for 64M values, 5.6 times the
+    time of a scaling pass, so the table matters for 8-bit steps.
     """
-    size = code.shape[0]
-    steps = max(1, (size - 1).bit_length())
-    midpoints = (code[:-1] + code[1:]) / 2
-    pad = jnp.full((2**steps - midpoints.shape[0],), jnp.inf, midpoints.dtype)
-    table = jnp.concatenate([midpoints, pad])
-    index = jnp.zeros(scaled.shape, jnp.int32)
-    for k in (2**j for j in reversed(range(steps))):
-        index = index + jnp.where(scaled > table[index + k - 1], k, 0)
-    return index
+    if isinstance(code, np.ndarray):
+        count = _count_below_by_buckets(scaled, code)
+        if count is not None:
+            return count
+    code = jnp.asarray(code, jnp.float32)
+    return _count_below(scaled, (code[:-1] + code[1:]) / 2, inclusive=False)
+
+
+def stochastic_index(scaled: jax.Array, code: np.ndarray | jax.Array, key: jax.Array) -> jax.Array:
+    """Index of one of the two entries of the sorted ``code`` around each value, the upper
+    one with probability ``(value - lower) / (upper - lower)``: unbiased rounding,
+    ``E[code[index]] = value`` for values inside the map's range.
+    """
+    nearest = nearest_index(scaled, code)
+    table = jnp.asarray(code, jnp.float32)
+    last = table.shape[0] - 1
+    lower = jnp.clip(nearest - (table[nearest] > scaled).astype(jnp.int32), 0, last)
+    upper = jnp.minimum(lower + 1, last)
+    gap = table[upper] - table[lower]
+    fraction = jnp.where(gap > 0, (scaled - table[lower]) / jnp.where(gap > 0, gap, 1.0), 0.0)
+    return lower + (jax.random.uniform(key, scaled.shape) < fraction).astype(jnp.int32)
 
 
 def quantize_blockwise(
-    x: jax.Array, code: np.ndarray | jax.Array, block_size: int = 256
+    x: jax.Array,
+    code: np.ndarray | jax.Array,
+    block_size: int = 256,
+    *,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Codes (uint8, shaped like ``x``) and per-block absmax (float32, ``(*leading, n_blocks)``).
 
@@ -55,6 +147,7 @@ def quantize_blockwise(
     to ``clip(x / absmax, -1, 1)``, with ties going to the lower entry, as
     bitsandbytes' ``quantize_blockwise``; for a 1-D array, or one whose last axis
     is a multiple of ``block_size``, the codes and absmax equal bitsandbytes'.
+    With a PRNG ``key`` the rounding is stochastic instead (:func:`stochastic_index`).
 
     >>> from varjax.quantization import dynamic_map
     >>> q, absmax = quantize_blockwise(jnp.linspace(-1.0, 1.0, 8), dynamic_map(), 4)
@@ -63,15 +156,37 @@ def quantize_blockwise(
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    code = jnp.asarray(code, jnp.float32)
+    if not isinstance(code, np.ndarray):
+        code = jnp.asarray(code, jnp.float32)
     shape = jnp.shape(x)
     blocks = _blocks(jnp.asarray(x, jnp.float32), block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     scaled = jnp.clip(blocks * (1.0 / jnp.maximum(absmax, TINY))[..., None], -1.0, 1.0)
-    index = nearest_index(scaled, code).astype(jnp.uint8)
+    index = nearest_index(scaled, code) if key is None else stochastic_index(scaled, code, key)
+    index = index.astype(jnp.uint8)
     n = shape[-1] if shape else 1
     index = index.reshape(*index.shape[:-2], -1)[..., :n].reshape(shape)
     return index, absmax
+
+
+def pack_4bit(codes: jax.Array) -> jax.Array:
+    """Two 4-bit codes per byte along the last axis (the last axis padded to even length):
+    element ``2i`` in the low nibble, ``2i + 1`` in the high one.
+
+    >>> pack_4bit(jnp.asarray([1, 2, 15], jnp.uint8)).tolist()
+    [33, 15]
+    """
+    codes = jnp.atleast_1d(codes).astype(jnp.uint8)
+    if codes.shape[-1] % 2:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_4bit(packed: jax.Array, length: int) -> jax.Array:
+    """The first ``length`` codes of the last axis of :func:`pack_4bit`'s output."""
+    pairs = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+    return pairs.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
 def dequantize_blockwise(

@@ -69,20 +69,53 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     return np.sort(data)
 
 
-def linear_map(signed: bool = True, total_bits: int = 8) -> np.ndarray:
+def linear_map(signed: bool = True, total_bits: int = 8, *, zero: bool = True) -> np.ndarray:
     """``2**total_bits`` evenly spaced values over [-1, 1] (signed) or [0, 1] (unsigned).
 
     The signed map spaces ``2**total_bits - 1`` values symmetrically, so that 0 is
     exact, and repeats 0 to fill the last code: equal to bitsandbytes'
-    ``create_linear_map`` at 8 bits.
+    ``create_linear_map`` at 8 bits. ``zero=False`` (unsigned only) drops 0 and
+    spaces the values over (0, 1], ``k / 2**total_bits``: the 4-bit second-moment
+    map of Li et al. (2023), "Memory Efficient Optimizers with 4-bit States", where
+    a second moment quantized to zero would blow the update ``m / sqrt(v)`` up.
 
     >>> linear_map(signed=True, total_bits=2)
     array([-1.,  0.,  0.,  1.], dtype=float32)
+    >>> linear_map(signed=False, total_bits=2, zero=False)
+    array([0.25, 0.5 , 0.75, 1.  ], dtype=float32)
     """
     if total_bits < 1:
         raise ValueError(f"total_bits must be >= 1, got {total_bits}")
+    if not zero:
+        if signed:
+            raise ValueError("zero=False needs signed=False: a signed map keeps 0")
+        return _linspace_float32(0.0, 1.0, 2**total_bits + 1)[1:]
     if not signed:
         return _linspace_float32(0.0, 1.0, 2**total_bits)
     values = _linspace_float32(-1.0, 1.0, 2**total_bits - 1)
     half = values.size // 2
+    # linspace's rounding leaves the centre at +3.7e-9 at 8 bits (kept, as bitsandbytes)
+    # and at -4.5e-8 at 4 bits, which would unsort the map: clamp it to zero
+    values[half] = max(values[half], np.float32(0.0))
     return np.concatenate([values[:half], np.float32([0.0]), values[half:]])
+
+
+def default_maps(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (signed, unsigned) maps for optimizer state of ``bits`` bits.
+
+    8 bits: bitsandbytes' dynamic maps (Dettmers et al., 2022). 4 bits: the
+    choice of Li et al. (2023) and of their ``lpmm`` code: a dynamic map with 3
+    exponent bits for first moments, and the linear map without zero for second
+    moments.
+
+    >>> [m.size for m in default_maps(4)]
+    [16, 16]
+    """
+    if bits == 8:
+        return dynamic_map(signed=True), dynamic_map(signed=False)
+    if bits == 4:
+        return (
+            dynamic_map(signed=True, max_exponent_bits=3, total_bits=4),
+            linear_map(signed=False, total_bits=4, zero=False),
+        )
+    raise ValueError(f"bits must be 8 or 4, got {bits}")

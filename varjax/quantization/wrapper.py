@@ -1,7 +1,9 @@
-"""``quantize_state``: keep any transform's optimizer state in 8 bits between steps."""
+"""``quantize_state``: keep any transform's optimizer state in 8 or 4 bits between steps."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -10,8 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from varjax.quantization.blockwise import dequantize_blockwise, quantize_blockwise
-from varjax.quantization.codes import dynamic_map
+from varjax.quantization.blockwise import (
+    dequantize_blockwise,
+    pack_4bit,
+    quantize_blockwise,
+    unpack_4bit,
+)
+from varjax.quantization.codes import default_maps
 
 PyTree = Any
 
@@ -20,26 +27,33 @@ PyTree = Any
 UNSIGNED_FIELDS = frozenset({"nu", "nu_max", "v", "exp_avg_sq", "max_exp_avg_sq"})
 
 
-class SignedQuantized(NamedTuple):
-    """A float leaf stored as uint8 codes of the signed dynamic map and float32 block absmax."""
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "absmax"],
+    meta_fields=["signed", "bits", "shape"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A float array stored as block-wise codes: ``codes`` (uint8; at 4 bits two codes
+    per byte along the last axis) and one float32 ``absmax`` per block of the last
+    axis. ``signed`` tells which of the two maps made the codes and ``shape`` is
+    the array's own."""
 
     codes: jax.Array
     absmax: jax.Array
-
-
-class UnsignedQuantized(NamedTuple):
-    """A non-negative float leaf stored with the unsigned dynamic map."""
-
-    codes: jax.Array
-    absmax: jax.Array
+    signed: bool
+    bits: int
+    shape: tuple[int, ...]
 
 
 class QuantizedState(NamedTuple):
     """State of :func:`quantize_state`: the inner state with large float leaves quantized,
-    and the number of steps skipped for a non-finite gradient."""
+    the number of steps skipped for a non-finite gradient, and the PRNG key of
+    stochastic rounding (``None`` for nearest rounding)."""
 
     inner_state: PyTree
     skipped: jax.Array
+    key: jax.Array | None = None
 
 
 def is_second_moment(path: tuple) -> bool:
@@ -54,31 +68,63 @@ def is_second_moment(path: tuple) -> bool:
     )
 
 
-def _is_quantized(x: Any) -> bool:
-    return isinstance(x, (SignedQuantized, UnsignedQuantized))
+def _check_map(name: str, code: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    code = np.asarray(code, np.float32)
+    low = -1.0 if signed else 0.0
+    if (
+        code.shape != (2**bits,)
+        or np.any(np.diff(code) < 0)
+        or code.min() < low
+        or code.max() != 1.0
+    ):
+        raise ValueError(
+            f"{name} must be a sorted array of 2**bits = {2**bits} values in "
+            f"[{low:g}, 1] ending at 1, got shape {code.shape}"
+        )
+    return code
 
 
 def quantize_state(
     inner: optax.GradientTransformation,
     *,
-    block_size: int = 256,
+    bits: int = 8,
+    block_size: int | None = None,
     min_size: int = 4096,
     unsigned: Callable[[tuple], bool] | None = None,
+    signed_map: np.ndarray | None = None,
+    unsigned_map: np.ndarray | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    """Store ``inner``'s optimizer state block-wise quantized to 8 bits between steps
-    (Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization").
+    """Store ``inner``'s optimizer state block-wise quantized to 8 or 4 bits between steps
+    (Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization"; Li et
+    al., 2023, "Memory Efficient Optimizers with 4-bit States").
 
     Every floating-point leaf of the inner state with at least ``min_size``
-    elements is kept as uint8 codes of the dynamic map plus one float32 absmax
-    per ``block_size`` elements of its last axis (about 1.02 bytes per element
-    at 256). Smaller leaves, step counts and other non-float leaves stay as
-    they are. Each step dequantizes, runs ``inner.update`` and quantizes the
-    new state. Leaves under a state field named like a second moment (``nu``,
-    ``nu_max``, ``v``, ``exp_avg_sq``) get the unsigned map and the rest the
-    signed one. Pass ``unsigned(key_path) -> bool`` to choose otherwise. An
-    unsigned map clips negative values to zero, so only non-negative moments
-    may use it. ``min_size=4096`` and
-    ``block_size=256`` are bitsandbytes' defaults.
+    elements is kept as codes of a quantization map plus one float32 absmax per
+    ``block_size`` elements of its last axis. Smaller leaves, step counts and
+    other non-float leaves stay as they are. Each step dequantizes, runs
+    ``inner.update`` and quantizes the new state.
+
+    Leaves under a state field named like a second moment (``nu``, ``nu_max``,
+    ``v``, ``exp_avg_sq``) get the unsigned map and the rest the signed one;
+    pass ``unsigned(key_path) -> bool`` to choose otherwise. An unsigned map
+    clips negative values to zero, so only non-negative moments may use it.
+
+    - ``bits=8`` (default ``block_size=256``, about 1.02 bytes per element):
+      bitsandbytes' dynamic maps and defaults, codes equal to its
+      ``quantize_blockwise``.
+    - ``bits=4`` (default ``block_size=128``, about 0.53 bytes per element, two
+      codes per byte): the maps of Li et al. (:func:`default_maps`): a dynamic
+      map for first moments and a linear map without zero for second moments.
+      Their rank-1 normalisation of second moments is not implemented: blocks
+      of 128 are used for both.
+
+    ``signed_map`` and ``unsigned_map`` replace the maps (sorted, ``2**bits``
+    values, largest 1). Rounding is to the nearest entry; with
+    ``stochastic_rounding=True`` it is unbiased stochastic rounding between the
+    two entries around each value, driven by a PRNG key (from ``seed``) kept in
+    the state, so a restored checkpoint continues identically.
 
     A gradient with a NaN or Inf would poison a block's absmax and, with it,
     the whole block of state. Such a step is skipped instead: the updates are
@@ -95,13 +141,22 @@ def quantize_state(
       dtype('uint8')
       >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, state, params)
     """
+    default_signed, default_unsigned = default_maps(bits)  # checks bits
+    block_size = (256 if bits == 8 else 128) if block_size is None else block_size
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
+    maps = {
+        True: _check_map(
+            "signed_map", default_signed if signed_map is None else signed_map, bits, True
+        ),
+        False: _check_map(
+            "unsigned_map", default_unsigned if unsigned_map is None else unsigned_map, bits, False
+        ),
+    }
     inner = optax.with_extra_args_support(inner)
     is_unsigned = unsigned or is_second_moment
-    signed_map, unsigned_map = dynamic_map(signed=True), dynamic_map(signed=False)
 
     def should_quantize(x: Any) -> bool:
         return (
@@ -110,46 +165,66 @@ def quantize_state(
             and x.size >= max(min_size, 1)
         )
 
-    def compress(tree: PyTree) -> PyTree:
-        def leaf(path: tuple, x: Any) -> Any:
+    # jitted once here, so that eager calls compile one program per state layout
+    # instead of one per operation and shape (inside an outer jit they inline)
+    @jax.jit
+    def compress(tree: PyTree, key: jax.Array | None) -> PyTree:
+        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        out = []
+        for i, (path, x) in enumerate(paths_and_leaves):
             if not should_quantize(x):
-                return x
-            if is_unsigned(path):
-                return UnsignedQuantized(*quantize_blockwise(x, unsigned_map, block_size))
-            return SignedQuantized(*quantize_blockwise(x, signed_map, block_size))
+                out.append(x)
+                continue
+            signed = not is_unsigned(path)
+            leaf_key = None if key is None else jax.random.fold_in(key, i)
+            codes, absmax = quantize_blockwise(x, maps[signed], block_size, key=leaf_key)
+            if bits == 4:
+                codes = pack_4bit(codes)
+            out.append(QuantizedArray(codes, absmax, signed, bits, tuple(x.shape)))
+        return jax.tree.unflatten(treedef, out)
 
-        return jax.tree_util.tree_map_with_path(leaf, tree)
-
+    @jax.jit
     def expand(tree: PyTree) -> PyTree:
         def leaf(x: Any) -> Any:
-            if isinstance(x, UnsignedQuantized):
-                return dequantize_blockwise(x.codes, x.absmax, unsigned_map, block_size)
-            if isinstance(x, SignedQuantized):
-                return dequantize_blockwise(x.codes, x.absmax, signed_map, block_size)
-            return x
+            if not isinstance(x, QuantizedArray):
+                return x
+            codes = x.codes
+            if x.bits == 4:
+                codes = unpack_4bit(codes, x.shape[-1] if x.shape else 1).reshape(x.shape)
+            return dequantize_blockwise(codes, x.absmax, maps[x.signed], block_size)
 
-        return jax.tree.map(leaf, tree, is_leaf=_is_quantized)
+        return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
 
     def init_fn(params: PyTree) -> QuantizedState:
-        return QuantizedState(compress(inner.init(params)), jnp.zeros([], jnp.int32))
+        key = jax.random.key_data(jax.random.key(seed)) if stochastic_rounding else None
+        # the initial state is rounded to nearest: it is zeros for the usual moments
+        return QuantizedState(compress(inner.init(params), None), jnp.zeros([], jnp.int32), key)
 
     def update_fn(
         updates: PyTree, state: QuantizedState, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, QuantizedState]:
         leaves = jax.tree.leaves(updates)
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in leaves] or [True]))
+        if state.key is None:
+            key, rounding_key = None, None
+        else:
+            key, rounding_key = jax.random.split(jax.random.wrap_key_data(state.key))
+            key = jax.random.key_data(key)
 
         def step(quantized: PyTree) -> tuple[PyTree, PyTree]:
             out, new_inner = inner.update(updates, expand(quantized), params, **extra_args)
             out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
-            return out, compress(new_inner)
+            return out, compress(new_inner, rounding_key)
 
         def skip(quantized: PyTree) -> tuple[PyTree, PyTree]:
             return jax.tree.map(jnp.zeros_like, updates), quantized
 
-        out, inner_state = jax.lax.cond(finite, step, skip, state.inner_state)
+        try:  # outside jit, branch in Python: lax.cond would compile both branches per call
+            out, inner_state = (step if bool(finite) else skip)(state.inner_state)
+        except jax.errors.TracerBoolConversionError:
+            out, inner_state = jax.lax.cond(finite, step, skip, state.inner_state)
         skipped = state.skipped + (1 - finite.astype(jnp.int32))
-        return out, QuantizedState(inner_state, skipped)
+        return out, QuantizedState(inner_state, skipped, key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
