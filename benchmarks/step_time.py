@@ -162,6 +162,52 @@ def measure(pair, params, grads, repeats: int, steps: int) -> dict[str, Any]:
     }
 
 
+def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5, steps: int = 20) -> float:
+    """GB/s of a jitted read-and-write pass over ``n_bytes`` of float32."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    scale = jax.jit(lambda x: x * 1.0001)
+    jax.block_until_ready(scale(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            y = scale(x)
+        jax.block_until_ready(y)
+        times.append((time.perf_counter() - start) / steps)
+    return 2 * n_bytes / statistics.median(times) / 1e9
+
+
+def torch_peers(shapes: dict[str, tuple], repeats: int, steps: int) -> dict[str, float]:
+    """ms per step of PyTorch's fused AdamW and bitsandbytes' Adam8bit on the same shapes
+    (CUDA only; bitsandbytes is skipped where it is not installed)."""
+    import torch
+
+    params = [torch.nn.Parameter(0.02 * torch.randn(s, device="cuda")) for s in shapes.values()]
+    for p in params:
+        p.grad = 0.02 * torch.randn_like(p)
+
+    def time_steps(optimizer) -> float:
+        for _ in range(3):
+            optimizer.step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizer.step()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) / steps)
+        return 1e3 * statistics.median(times)
+
+    result = {"torch.optim.AdamW(fused=True)": time_steps(torch.optim.AdamW(params, fused=True))}
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return result
+    result[f"bitsandbytes {bnb.__version__} Adam8bit"] = time_steps(bnb.optim.Adam8bit(params))
+    return result
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
@@ -203,6 +249,13 @@ def to_markdown(info: dict[str, Any], n_params: int, rows: list[dict], args) -> 
             f"{r['baseline_ms']:.3f} | {r['ratio']:.3f} | "
             f"{r['varjax_state_bytes_per_param']:.2f} | {r['baseline_state_bytes_per_param']:.2f} |"
         )
+    if info.get("copy_GBps"):
+        lines += [
+            "",
+            f"- copy bandwidth (jitted read + write of 1 GiB): {info['copy_GBps']:.0f} GB/s",
+        ]
+    for name, ms in info.get("torch_peers", {}).items():
+        lines.append(f"- {name}: {ms:.3f} ms/step on the same shapes")
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +269,11 @@ def parse_args() -> argparse.Namespace:
         "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
     )
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure copy bandwidth, and on CUDA PyTorch's fused AdamW and bitsandbytes",
+    )
     return parser.parse_args()
 
 
@@ -228,6 +286,11 @@ def main() -> None:
     pairs = [p for p in PAIRS if not wanted or p[0] in wanted]
     info = machine()
     print(f"{n_params:,} parameters on {info['platform']} ({info['device']})", flush=True)
+    if args.peers:
+        info["copy_GBps"] = copy_bandwidth()
+        if info["platform"] == "gpu":
+            info["torch_peers"] = torch_peers(shapes, args.repeats, args.steps)
+        print(f"  copy {info['copy_GBps']:.0f} GB/s, {info.get('torch_peers', {})}", flush=True)
     rows = []
     for pair in pairs:
         rows.append(measure(pair, params, grads, args.repeats, args.steps))
