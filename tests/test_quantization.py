@@ -504,3 +504,82 @@ def test_quantized_state_keeps_sharding(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout
+
+
+def worst_rounding_error(code: np.ndarray, signed: bool) -> float:
+    """The largest distance from a value in [-1, 1] (signed) or [0, 1] to its nearest entry."""
+    low = -1.0 if signed else 0.0
+    code = code.astype(np.float64)
+    return max(np.max(np.diff(code)) / 2, code[0] - low, 1.0 - code[-1])
+
+
+def dequantized(x: QuantizedArray, bits: int, block_size: int) -> jax.Array:
+    signed_map, unsigned_map = default_maps(bits)
+    codes = unpack_4bit(x.codes, x.shape[-1]).reshape(x.shape) if bits == 4 else x.codes
+    code = signed_map if x.signed else unsigned_map
+    return dequantize_blockwise(codes, x.absmax, code, block_size)
+
+
+@pytest.mark.parametrize(("bits", "block_size"), [(8, 256), (4, 128)])
+def test_state_drift_is_bounded_over_10k_steps(bits, block_size) -> None:
+    """Quantized Adam moments stay within a derived bound of float32's over 10,000 steps.
+
+    Derivation. Feed both the same gradients (here those of float32 Adam on a
+    noisy least-squares problem). A moment is ``m_t = b m_{t-1} + (1 - b) g_t``;
+    the quantized one re-rounds it every step, ``q_t = Q(b q_{t-1} + (1 - b) g_t)``,
+    where ``Q`` moves a value by at most ``eps * A_t``: ``eps`` is the map's
+    worst rounding error over [-1, 1] (half its widest gap, or the distance
+    from an end of the range to the nearest entry) and ``A_t`` the block's
+    absmax. The error ``e_t = q_t - m_t`` then obeys ``e_t = b e_{t-1} + r_t``
+    with ``|r_t| <= eps A_t``, so for every step
+
+        |e_t| <= eps * max_{s <= t} A_s / (1 - b),
+
+    whatever the number of steps: rounding errors are damped by the EMA and
+    cannot pile up. The bound is attainable (a constant gradient can hold a
+    nearest-rounded moment up to ``eps A / (1 - b)`` away). Measured worst
+    ratios to it over the 10,000 steps: first moment 0.83 (8 bits) and 0.46
+    (4 bits); second moment 0.069 and 0.016, where ``1 / (1 - b2) = 1000``
+    makes the bound loose.
+    """
+    b1, b2, steps = 0.9, 0.999, 10_000
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.standard_normal((64, 16)) / 8, jnp.float32)
+    target = jnp.asarray(rng.standard_normal((64, 256)), jnp.float32)
+
+    def gradient(x, t):  # of |a x - target|^2 / 16, plus minibatch-like noise
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(0), t), x.shape)
+        return a.T @ (a @ x - target) / 8 + 0.3 * noise
+
+    exact_tx = optax.chain(optax.scale_by_adam(b1, b2), optax.scale(-1e-2))
+    quantized_tx = quantize_state(
+        optax.scale_by_adam(b1, b2), bits=bits, block_size=block_size, min_size=0
+    )
+    x0 = jnp.zeros((16, 256))
+    maps = default_maps(bits)
+    eps = {"mu": worst_rounding_error(maps[0], True), "nu": worst_rounding_error(maps[1], False)}
+    decay = {"mu": b1, "nu": b2}
+
+    def step(carry, t):
+        x, exact_state, quantized_state, peak, worst = carry
+        g = gradient(x, t)
+        updates, exact_state = exact_tx.update(g, exact_state)
+        _, quantized_state = quantized_tx.update(g, quantized_state)
+        new_peak, new_worst = {}, {}
+        for name in ("mu", "nu"):
+            q = getattr(quantized_state.inner_state, name)
+            m = getattr(exact_state[0], name)
+            new_peak[name] = jnp.maximum(peak[name], q.absmax)
+            bound = eps[name] * new_peak[name] / (1 - decay[name])
+            bound = jnp.repeat(bound, block_size, axis=-1)[:, :256] + 1e-6 * jnp.abs(m) + 1e-12
+            error = jnp.abs(dequantized(q, bits, block_size) - m)
+            new_worst[name] = jnp.maximum(worst[name], jnp.max(error / bound))
+        return (x + updates, exact_state, quantized_state, new_peak, new_worst), None
+
+    start = quantized_tx.init(x0)
+    peak = {k: jnp.zeros_like(getattr(start.inner_state, k).absmax) for k in ("mu", "nu")}
+    carry = (x0, exact_tx.init(x0), start, peak, {"mu": 0.0, "nu": 0.0})
+    carry, _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(steps)))(carry)
+    worst = {k: float(v) for k, v in carry[4].items()}
+    assert max(worst.values()) <= 1.0, worst
+    assert worst["mu"] > 0.1, worst  # the bound is close to attained: the test has teeth
