@@ -62,6 +62,7 @@ PAIRS: list[tuple[str, Callable[[], Any], str, Callable[[], Any]]] = [
         "optax.contrib.muon",
         lambda: optax.contrib.muon(LR),
     ),
+    ("adam_8bit", lambda: varjax.adam_8bit(LR), "optax.adam", lambda: optax.adam(LR)),
     ("adamw_8bit", lambda: varjax.adamw_8bit(LR), "optax.adamw", lambda: optax.adamw(LR)),
     ("adamw_4bit", lambda: varjax.adamw_4bit(LR), "optax.adamw", lambda: optax.adamw(LR)),
     ("lion_8bit", lambda: varjax.lion_8bit(LR), "optax.lion", lambda: optax.lion(LR)),

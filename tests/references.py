@@ -464,3 +464,24 @@ def igt_trajectory(grad_fn, theta0, steps, lr, gamma=None, momentum=None):
         theta_prev, theta = theta, [p - lr * vi for p, vi in zip(theta, v, strict=True)]
         out.append((query, theta))
     return out
+
+
+class AutoClip:
+    """AutoClip (Seetharaman et al., 2020): append the global gradient norm to the
+    history, then clip the global norm to the ``percentile`` of the history
+    (``np.percentile``), as the paper's code does. ``window`` keeps only the last
+    norms (varjax's fixed-size state); ``None`` keeps all of them, as the paper."""
+
+    def __init__(self, percentile: float, window: int | None = None) -> None:
+        self.percentile, self.window, self.history = percentile, window, []
+
+    def step(self, grads: list[np.ndarray], params=None) -> list[np.ndarray]:
+        norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads))
+        if math.isfinite(norm):
+            self.history.append(norm)
+        if not math.isfinite(norm) or not self.history:
+            return [g.copy() for g in grads]
+        kept = self.history if self.window is None else self.history[-self.window :]
+        threshold = float(np.percentile(kept, self.percentile))
+        scale = threshold / norm if norm > threshold else 1.0
+        return [g * scale for g in grads]

@@ -35,6 +35,7 @@ from varjax.multi_ema import (
     scale_by_second_moment,
     scale_by_simplified_ademamix,
 )
+from varjax.noise import autoclip
 from varjax.rectification import (
     cautious,
     rectification,
@@ -73,6 +74,7 @@ __all__ = [
     "ademamix_alpha_schedule",
     "ademamix_beta3_schedule",
     "adopt",
+    "autoclip",
     "cautious",
     "cautious_adamw",
     "diffgrad",
