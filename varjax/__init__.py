@@ -25,6 +25,7 @@ from varjax.alias import (
     radam,
     simplified_ademamix,
 )
+from varjax.diagnostics import gradient_noise_scale
 from varjax.multi_ema import (
     ademamix_alpha_schedule,
     ademamix_beta3_schedule,
@@ -78,6 +79,7 @@ __all__ = [
     "cautious",
     "cautious_adamw",
     "diffgrad",
+    "gradient_noise_scale",
     "grams",
     "grokfast_ema",
     "grokfast_ma",

@@ -1,0 +1,118 @@
+"""Diagnostics kept in the optimizer state and readable every step.
+
+So far: :func:`gradient_noise_scale`, the simple noise scale ``B_simple`` of
+McCandlish et al. (2018), "An Empirical Model of Large-Batch Training".
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from varjax._base import check_interval
+
+__all__ = ["NoiseScaleState", "gradient_noise_scale", "noise_scale_estimates"]
+
+
+class NoiseScaleState(NamedTuple):
+    """State of :func:`gradient_noise_scale`.
+
+    ``grad_norm_squared`` and ``trace_covariance`` are the bias-corrected EMAs of
+    the unbiased per-step estimates of ``|G|^2`` and ``tr(Sigma)`` (per-example
+    covariance); ``noise_scale`` is their ratio, ``B_simple``.
+    """
+
+    count: jax.Array
+    grad_norm_squared: jax.Array
+    trace_covariance: jax.Array
+    noise_scale: jax.Array
+
+
+def noise_scale_estimates(
+    small_norm_squared: jax.Array, large_norm_squared: jax.Array, small: float, large: float
+) -> tuple[jax.Array, jax.Array]:
+    """Unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` from the squared norms of
+    gradients averaged over ``small`` and ``large`` examples (McCandlish et al.,
+    2018, Appendix A.1), using ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``.
+
+    >>> g2, trace = noise_scale_estimates(jnp.asarray(3.0), jnp.asarray(1.5), 4, 16)
+    >>> float(g2), float(trace)
+    (1.0, 8.0)
+    """
+    g2 = (large * large_norm_squared - small * small_norm_squared) / (large - small)
+    trace = (small_norm_squared - large_norm_squared) / (1.0 / small - 1.0 / large)
+    return g2, trace
+
+
+def gradient_noise_scale(
+    small_batch_size: int, large_batch_size: int, decay: float = 0.99
+) -> optax.GradientTransformationExtraArgs:
+    """Track the gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et
+    al., 2018), the batch size around which larger batches stop paying off.
+
+    The updates (the gradient averaged over ``large_batch_size`` examples) pass
+    through unchanged. Each step also needs the gradient averaged over
+    ``small_batch_size`` of those examples, as the extra argument
+    ``small_batch_grads`` (in data-parallel training, one device's gradient
+    before the all-reduce). From the two squared norms the step forms the
+    paper's unbiased estimates of ``|G|^2`` and ``tr(Sigma)``, smooths each with
+    an EMA of ``decay`` (bias-corrected) and reports their ratio, as the paper
+    recommends, since the ratio of two noisy estimates is biased. The noise
+    scale is ``inf`` while the ``|G|^2`` estimate is not positive (the small
+    per-step estimates can be negative).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.chain(varjax.gradient_noise_scale(32, 256), optax.adam(1e-3))
+      >>> params = {"w": jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> big, small = {"w": jnp.ones(3)}, {"w": jnp.full(3, 1.5)}
+      >>> updates, state = tx.update(big, state, params, small_batch_grads=small)
+      >>> round(float(state[0].noise_scale), 2)  # tr(Sigma) / |G|^2
+      55.65
+    """
+    if int(small_batch_size) != small_batch_size or small_batch_size < 1:
+        raise ValueError(f"small_batch_size must be an integer >= 1, got {small_batch_size!r}")
+    if int(large_batch_size) != large_batch_size or large_batch_size <= small_batch_size:
+        raise ValueError(
+            f"large_batch_size must be an integer > small_batch_size={small_batch_size}, "
+            f"got {large_batch_size!r}"
+        )
+    check_interval("decay", decay, 0.0, 1.0, high_closed=False)
+    small, large = float(small_batch_size), float(large_batch_size)
+
+    def init_fn(params: optax.Params) -> NoiseScaleState:
+        del params
+        zero = jnp.zeros([], jnp.float32)
+        return NoiseScaleState(jnp.zeros([], jnp.int32), zero, zero, jnp.full([], jnp.inf))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: NoiseScaleState,
+        params: optax.Params | None = None,
+        *,
+        small_batch_grads: optax.Updates | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, NoiseScaleState]:
+        del params, extra_args
+        if small_batch_grads is None:
+            raise ValueError("gradient_noise_scale needs the extra argument small_batch_grads")
+        large_sq = jnp.square(optax.global_norm(updates)).astype(jnp.float32)
+        small_sq = jnp.square(optax.global_norm(small_batch_grads)).astype(jnp.float32)
+        g2, trace = noise_scale_estimates(small_sq, large_sq, small, large)
+        count = state.count + 1
+        correction = 1.0 - decay ** count.astype(jnp.float32)
+
+        def smooth(previous_corrected: jax.Array, value: jax.Array) -> jax.Array:
+            raw = (1.0 - decay ** state.count.astype(jnp.float32)) * previous_corrected
+            return (decay * raw + (1.0 - decay) * value) / correction
+
+        g2_ema = smooth(state.grad_norm_squared, g2)
+        trace_ema = smooth(state.trace_covariance, trace)
+        noise_scale = jnp.where(g2_ema > 0, trace_ema / jnp.where(g2_ema > 0, g2_ema, 1.0), jnp.inf)
+        return updates, NoiseScaleState(count, g2_ema, trace_ema, noise_scale)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
