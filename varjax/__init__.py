@@ -25,7 +25,7 @@ from varjax.alias import (
     radam,
     simplified_ademamix,
 )
-from varjax.diagnostics import gradient_noise_scale
+from varjax.diagnostics import gradient_noise_scale, gradient_snr_monitor
 from varjax.multi_ema import (
     ademamix_alpha_schedule,
     ademamix_beta3_schedule,
@@ -80,6 +80,7 @@ __all__ = [
     "cautious_adamw",
     "diffgrad",
     "gradient_noise_scale",
+    "gradient_snr_monitor",
     "grams",
     "grokfast_ema",
     "grokfast_ma",

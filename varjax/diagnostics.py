@@ -1,7 +1,9 @@
 """Diagnostics kept in the optimizer state and readable every step.
 
 So far: :func:`gradient_noise_scale`, the simple noise scale ``B_simple`` of
-McCandlish et al. (2018), "An Empirical Model of Large-Batch Training".
+McCandlish et al. (2018), "An Empirical Model of Large-Batch Training", and
+:func:`gradient_snr_monitor`, per-layer gradient signal, variance and
+signal-to-noise ratio across micro-batches or devices.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import optax
 
 from varjax._base import check_interval
 
-__all__ = ["NoiseScaleState", "gradient_noise_scale", "noise_scale_estimates"]
+__all__ = [
+    "GradientSNRState",
+    "NoiseScaleState",
+    "gradient_noise_scale",
+    "gradient_snr_monitor",
+    "noise_scale_estimates",
+]
 
 
 class NoiseScaleState(NamedTuple):
@@ -114,5 +122,117 @@ def gradient_noise_scale(
         trace_ema = smooth(state.trace_covariance, trace)
         noise_scale = jnp.where(g2_ema > 0, trace_ema / jnp.where(g2_ema > 0, g2_ema, 1.0), jnp.inf)
         return updates, NoiseScaleState(count, g2_ema, trace_ema, noise_scale)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class GradientSNRState(NamedTuple):
+    """State of :func:`gradient_snr_monitor`, one scalar per parameter leaf: ``signal``,
+    the mean over the leaf's elements of the squared mean gradient; ``variance``,
+    the mean of the unbiased variance across micro-batches; ``gsnr``, their ratio."""
+
+    signal: optax.Updates
+    variance: optax.Updates
+    gsnr: optax.Updates
+
+
+class _Moments(NamedTuple):  # per-element mean and variance of one leaf's samples
+    mean: jax.Array
+    variance: jax.Array
+
+
+class _LayerSNR(NamedTuple):
+    signal: jax.Array
+    variance: jax.Array
+    gsnr: jax.Array
+
+
+def _layer_snr(moments: _Moments) -> _LayerSNR:
+    signal, noise = jnp.mean(jnp.square(moments.mean)), jnp.mean(moments.variance)
+    ratio = jnp.where(noise > 0, signal / jnp.where(noise > 0, noise, 1.0), 0.0)
+    return _LayerSNR(signal, noise, jnp.where((noise == 0) & (signal > 0), jnp.inf, ratio))
+
+
+def gradient_snr_monitor(axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+    """Per-layer gradient signal-to-noise ratio (GSNR; Liu et al., 2020, "Understanding
+    Why Neural Networks Generalize Well Through GSNR of Parameters"), read from
+    the state every step. The updates pass through unchanged.
+
+    The gradient samples come from one of two sources:
+
+    - ``axis_name=None``: the extra argument ``microbatch_grads``, the gradients
+      of ``n >= 2`` micro-batches stacked on a leading axis (``jax.vmap`` of the
+      gradient function over micro-batches gives them);
+    - ``axis_name="..."``: inside ``shard_map`` (or ``pmap``), the updates on
+      each device are one sample, and the statistics are taken across the
+      named axis with collectives. Both give the same numbers.
+
+    Per leaf: ``signal = mean_i(mean_k g_ki)^2`` and ``variance =
+    mean_i var_k(g_ki)`` (unbiased, over the ``k`` samples), and ``gsnr =
+    signal / variance``, a ratio of means: element-wise ratios are unbounded
+    where a variance vanishes. A leaf with zero variance has ``gsnr = inf``,
+    or 0 if its mean gradient is zero too.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, varjax
+      >>> tx = varjax.gradient_snr_monitor()
+      >>> params = {"w": jnp.zeros(3)}
+      >>> samples = {"w": jnp.asarray([[1.0, 2.0, 0.0], [3.0, 2.0, 0.0]])}
+      >>> _, state = tx.update({"w": samples["w"].mean(0)}, tx.init(params),
+      ...                      microbatch_grads=samples)
+      >>> float(state.gsnr["w"])  # signal (4 + 4 + 0) / 3, variance (2 + 0 + 0) / 3
+      4.0
+    """
+
+    def init_fn(params: optax.Params) -> GradientSNRState:
+        zeros = jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)
+        return GradientSNRState(zeros, zeros, zeros)
+
+    def sample_moments(updates: optax.Updates, samples: Any) -> Any:
+        if axis_name is not None:
+            n = jax.lax.psum(1, axis_name)
+            if n < 2:
+                raise ValueError(f"axis {axis_name!r} has {n} device(s); the variance needs 2")
+
+            def across_devices(g: jax.Array) -> _Moments:
+                g = g.astype(jnp.float32)
+                mean = jax.lax.pmean(g, axis_name)
+                return _Moments(mean, jax.lax.psum(jnp.square(g - mean), axis_name) / (n - 1))
+
+            return jax.tree.map(across_devices, updates)
+        if samples is None:
+            raise ValueError("gradient_snr_monitor needs the extra argument microbatch_grads")
+
+        def across_samples(g: jax.Array) -> _Moments:
+            if g.ndim == 0 or g.shape[0] < 2:
+                raise ValueError(
+                    f"microbatch_grads needs >= 2 samples on a leading axis, got shape {g.shape}"
+                )
+            g = g.astype(jnp.float32)
+            return _Moments(jnp.mean(g, axis=0), jnp.var(g, axis=0, ddof=1))
+
+        return jax.tree.map(across_samples, samples)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: GradientSNRState,
+        params: optax.Params | None = None,
+        *,
+        microbatch_grads: optax.Updates | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, GradientSNRState]:
+        del params, extra_args, state
+        layers = jax.tree.map(
+            _layer_snr,
+            sample_moments(updates, microbatch_grads),
+            is_leaf=lambda x: isinstance(x, _Moments),
+        )
+
+        def field(name: str) -> Any:
+            return jax.tree.map(
+                lambda x: getattr(x, name), layers, is_leaf=lambda x: isinstance(x, _LayerSNR)
+            )
+
+        return updates, GradientSNRState(field("signal"), field("variance"), field("gsnr"))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
