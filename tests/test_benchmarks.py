@@ -48,3 +48,16 @@ def test_convergence_runs_and_writes_results(tmp_path: pathlib.Path, suite, name
         assert run["step"] == [10, 20]
         assert all(np.isfinite(run["valid"])) and run["valid"][-1] < np.log(200)
     assert (tmp_path / f"convergence_{suite}_smoke.png").stat().st_size > 0
+
+
+def test_noise_diagnostics_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "noise_diagnostics.py"),
+        *("--steps", "20", "--log-every", "10", "--chars", "200000", "--out", str(tmp_path)),
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    record = json.loads((tmp_path / "noise_diagnostics.json").read_text())
+    assert record["history"]["step"] == [10, 20]
+    assert all(np.isfinite(record["history"]["gsnr/hidden"]))
+    assert (tmp_path / "noise_diagnostics.png").stat().st_size > 0

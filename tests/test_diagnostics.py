@@ -6,8 +6,9 @@
   0.999) lands within 5% of ``tr(Sigma) / |G|^2`` (measured 0.5% off; 0.25%
   and 1.6% with two other keys).
 - ``gradient_snr_monitor``: per-layer signal, variance and GSNR against a
-  float64 reference over micro-batches; inside ``shard_map`` on 8 host devices
-  with ``axis_name``, equal to the micro-batch path.
+  float64 reference over micro-batches; unbiased on pure noise (0, not 1/n)
+  and on a known signal; inside ``shard_map`` on 8 host devices with
+  ``axis_name``, equal to the micro-batch path.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def test_first_step_and_non_positive_estimate() -> None:
 def test_bad_arguments(kwargs, arg) -> None:
     with pytest.raises(ValueError, match=arg):
         varjax.gradient_noise_scale(**kwargs)
+    with pytest.raises(ValueError, match="decay"):
+        varjax.gradient_snr_monitor(decay=-0.1)
 
 
 def test_missing_small_batch_grads_raises() -> None:
@@ -99,10 +102,12 @@ def test_missing_small_batch_grads_raises() -> None:
 
 
 def snr_reference(samples: np.ndarray) -> tuple[float, float, float]:
-    """Float64 layer GSNR: mean over elements of the squared mean, of the unbiased variance."""
+    """Float64 layer GSNR: means over elements of the unbiased squared mean
+    (``mean^2 - var / n``) and of the unbiased variance, and their ratio."""
     samples = samples.astype(np.float64)
-    signal = float(np.mean(samples.mean(0) ** 2))
-    variance = float(np.mean(samples.var(0, ddof=1)))
+    n, mean, var = samples.shape[0], samples.mean(0), samples.var(0, ddof=1)
+    signal = float(np.mean(mean**2 - var / n))
+    variance = float(np.mean(var))
     return signal, variance, signal / variance
 
 
@@ -121,6 +126,24 @@ def test_gsnr_matches_reference() -> None:
         got = (state.signal[name], state.variance[name], state.gsnr[name])
         np.testing.assert_allclose([float(x) for x in got], expected, rtol=1e-5)
         np.testing.assert_array_equal(updates[name], grads[name])
+
+
+def test_gsnr_is_unbiased_for_pure_noise_and_known_signal() -> None:
+    """Without the ``var / n`` correction, pure noise would read ``1 / n``."""
+    n, dim, steps = 8, 256, 400
+    tx = varjax.gradient_snr_monitor(decay=0.99)
+    params = {"noise": jnp.zeros(dim), "signal": jnp.zeros(dim)}
+    keys = jax.random.split(jax.random.key(1), steps)
+
+    def step(state, key):
+        z = jax.random.normal(key, (2, n, dim))
+        samples = {"noise": z[0], "signal": 0.5 + z[1]}  # GSNR 0 and 0.25
+        _, state = tx.update(params, state, microbatch_grads=samples)
+        return state, None
+
+    state, _ = jax.jit(lambda s: jax.lax.scan(step, s, keys))(tx.init(params))
+    assert abs(float(state.gsnr["noise"])) < 0.01  # against 1 / n = 0.125 uncorrected
+    assert abs(float(state.gsnr["signal"]) - 0.25) < 0.02
 
 
 def test_gsnr_edge_cases() -> None:

@@ -128,32 +128,43 @@ def gradient_noise_scale(
 
 class GradientSNRState(NamedTuple):
     """State of :func:`gradient_snr_monitor`, one scalar per parameter leaf: ``signal``,
-    the mean over the leaf's elements of the squared mean gradient; ``variance``,
-    the mean of the unbiased variance across micro-batches; ``gsnr``, their ratio."""
+    the mean over the leaf's elements of the unbiased estimate of the squared
+    mean gradient; ``variance``, the mean of the unbiased variance across the
+    samples; ``gsnr``, their ratio (all EMAs when ``decay > 0``)."""
 
+    count: jax.Array
     signal: optax.Updates
     variance: optax.Updates
     gsnr: optax.Updates
 
 
-class _Moments(NamedTuple):  # per-element mean and variance of one leaf's samples
+class _Moments(NamedTuple):  # one leaf: per-element mean and variance of n samples
     mean: jax.Array
     variance: jax.Array
+    n: int
 
 
-class _LayerSNR(NamedTuple):
+class _Layer(NamedTuple):  # one leaf: the layer's signal and variance
     signal: jax.Array
     variance: jax.Array
-    gsnr: jax.Array
 
 
-def _layer_snr(moments: _Moments) -> _LayerSNR:
-    signal, noise = jnp.mean(jnp.square(moments.mean)), jnp.mean(moments.variance)
-    ratio = jnp.where(noise > 0, signal / jnp.where(noise > 0, noise, 1.0), 0.0)
-    return _LayerSNR(signal, noise, jnp.where((noise == 0) & (signal > 0), jnp.inf, ratio))
+def _layer_signal_and_variance(moments: _Moments) -> _Layer:
+    """``mean^2 - variance / n`` is unbiased for the squared expected gradient: the
+    sample mean's own variance would otherwise put a floor of ``1 / n`` under the
+    ratio."""
+    signal = jnp.square(moments.mean) - moments.variance / moments.n
+    return _Layer(jnp.mean(signal), jnp.mean(moments.variance))
 
 
-def gradient_snr_monitor(axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+def _ratio(signal: jax.Array, variance: jax.Array) -> jax.Array:
+    ratio = jnp.where(variance > 0, signal / jnp.where(variance > 0, variance, 1.0), 0.0)
+    return jnp.where((variance == 0) & (signal > 0), jnp.inf, ratio)
+
+
+def gradient_snr_monitor(
+    axis_name: str | None = None, decay: float = 0.0
+) -> optax.GradientTransformationExtraArgs:
     """Per-layer gradient signal-to-noise ratio (GSNR; Liu et al., 2020, "Understanding
     Why Neural Networks Generalize Well Through GSNR of Parameters"), read from
     the state every step. The updates pass through unchanged.
@@ -167,11 +178,17 @@ def gradient_snr_monitor(axis_name: str | None = None) -> optax.GradientTransfor
       each device are one sample, and the statistics are taken across the
       named axis with collectives. Both give the same numbers.
 
-    Per leaf: ``signal = mean_i(mean_k g_ki)^2`` and ``variance =
-    mean_i var_k(g_ki)`` (unbiased, over the ``k`` samples), and ``gsnr =
-    signal / variance``, a ratio of means: element-wise ratios are unbounded
-    where a variance vanishes. A leaf with zero variance has ``gsnr = inf``,
-    or 0 if its mean gradient is zero too.
+    Per leaf, over its elements ``i`` and the ``n`` samples ``k``: ``variance =
+    mean_i var_k(g_ki)`` (unbiased) and ``signal = mean_i [(mean_k g_ki)^2 -
+    var_k(g_ki) / n]``, the unbiased estimate of the squared expected gradient
+    (without the correction, a pure-noise gradient would show a GSNR of
+    ``1 / n``). ``gsnr = signal / variance`` is a ratio of means: element-wise
+    ratios are unbounded where a variance vanishes. The signal, hence the
+    GSNR, can be negative when the signal is below the estimate's resolution;
+    ``decay > 0`` smooths signal and variance with bias-corrected EMAs before
+    the ratio. A leaf with zero variance has ``gsnr = inf``, or 0 if its mean
+    gradient is zero too. The GSNR is that of the samples, e.g. micro-batch
+    gradients: ``B`` times the per-example GSNR for micro-batches of ``B``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, varjax
@@ -180,13 +197,15 @@ def gradient_snr_monitor(axis_name: str | None = None) -> optax.GradientTransfor
       >>> samples = {"w": jnp.asarray([[1.0, 2.0, 0.0], [3.0, 2.0, 0.0]])}
       >>> _, state = tx.update({"w": samples["w"].mean(0)}, tx.init(params),
       ...                      microbatch_grads=samples)
-      >>> float(state.gsnr["w"])  # signal (4 + 4 + 0) / 3, variance (2 + 0 + 0) / 3
-      4.0
+      >>> round(float(state.gsnr["w"]), 4)  # signal (4 - 2/2 + 4 + 0) / 3, variance 2 / 3
+      3.5
     """
+
+    check_interval("decay", decay, 0.0, 1.0, high_closed=False)
 
     def init_fn(params: optax.Params) -> GradientSNRState:
         zeros = jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)
-        return GradientSNRState(zeros, zeros, zeros)
+        return GradientSNRState(jnp.zeros([], jnp.int32), zeros, zeros, zeros)
 
     def sample_moments(updates: optax.Updates, samples: Any) -> Any:
         if axis_name is not None:
@@ -197,7 +216,8 @@ def gradient_snr_monitor(axis_name: str | None = None) -> optax.GradientTransfor
             def across_devices(g: jax.Array) -> _Moments:
                 g = g.astype(jnp.float32)
                 mean = jax.lax.pmean(g, axis_name)
-                return _Moments(mean, jax.lax.psum(jnp.square(g - mean), axis_name) / (n - 1))
+                variance = jax.lax.psum(jnp.square(g - mean), axis_name) / (n - 1)
+                return _Moments(mean, variance, n)
 
             return jax.tree.map(across_devices, updates)
         if samples is None:
@@ -209,7 +229,7 @@ def gradient_snr_monitor(axis_name: str | None = None) -> optax.GradientTransfor
                     f"microbatch_grads needs >= 2 samples on a leading axis, got shape {g.shape}"
                 )
             g = g.astype(jnp.float32)
-            return _Moments(jnp.mean(g, axis=0), jnp.var(g, axis=0, ddof=1))
+            return _Moments(jnp.mean(g, axis=0), jnp.var(g, axis=0, ddof=1), g.shape[0])
 
         return jax.tree.map(across_samples, samples)
 
@@ -221,18 +241,27 @@ def gradient_snr_monitor(axis_name: str | None = None) -> optax.GradientTransfor
         microbatch_grads: optax.Updates | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, GradientSNRState]:
-        del params, extra_args, state
-        layers = jax.tree.map(
-            _layer_snr,
-            sample_moments(updates, microbatch_grads),
-            is_leaf=lambda x: isinstance(x, _Moments),
-        )
+        del params, extra_args
+        is_moments = lambda x: isinstance(x, _Moments)  # noqa: E731
+        moments = sample_moments(updates, microbatch_grads)
+        layers = jax.tree.map(_layer_signal_and_variance, moments, is_leaf=is_moments)
+        is_layer = lambda x: isinstance(x, _Layer)  # noqa: E731
+        count = state.count + 1
+        previous_weight = decay * (1.0 - decay ** state.count.astype(jnp.float32))
+        correction = 1.0 - decay ** count.astype(jnp.float32)
 
-        def field(name: str) -> Any:
+        def smooth(name: str, previous: optax.Updates) -> optax.Updates:
             return jax.tree.map(
-                lambda x: getattr(x, name), layers, is_leaf=lambda x: isinstance(x, _LayerSNR)
+                lambda layer, old: (
+                    (previous_weight * old + (1 - decay) * getattr(layer, name)) / correction
+                ),
+                layers,
+                previous,
+                is_leaf=is_layer,
             )
 
-        return updates, GradientSNRState(field("signal"), field("variance"), field("gsnr"))
+        signal, variance = smooth("signal", state.signal), smooth("variance", state.variance)
+        gsnr = jax.tree.map(_ratio, signal, variance)
+        return updates, GradientSNRState(count, signal, variance, gsnr)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
