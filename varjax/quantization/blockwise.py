@@ -28,8 +28,8 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], (n + pad) // block_size, block_size)
 
 
-def _count_below(values: jax.Array, table: jax.Array, *, inclusive: bool) -> jax.Array:
-    """How many entries of the sorted ``table`` lie below each value (``<=`` if inclusive).
+def _count_below(values: jax.Array, table: jax.Array) -> jax.Array:
+    """How many entries of the sorted ``table`` lie strictly below each value.
 
     A branch-free binary search of ``log2(len(table))`` steps, each a gather from
     the small table. On an H100 this ran 7.6x faster than ``jnp.searchsorted``'s
@@ -37,11 +37,10 @@ def _count_below(values: jax.Array, table: jax.Array, *, inclusive: bool) -> jax
     """
     steps = max(1, (table.shape[0]).bit_length())
     padded = jnp.concatenate([table, jnp.full((2**steps - table.shape[0],), jnp.inf, table.dtype)])
-    below = jnp.greater_equal if inclusive else jnp.greater
     first = 2 ** (steps - 1)  # the first threshold is one scalar: no gather to constant-fold
-    count = jnp.where(below(values, padded[first - 1]), first, 0).astype(jnp.int32)
+    count = jnp.where(values > padded[first - 1], first, 0).astype(jnp.int32)
     for k in (2**j for j in reversed(range(steps - 1))):
-        count = count + jnp.where(below(values, padded[count + k - 1]), k, 0)
+        count = count + jnp.where(values > padded[count + k - 1], k, 0)
     return count
 
 
@@ -55,17 +54,19 @@ _SMALLEST_EXPONENT = 127 - 40  # magnitudes below 2**-40 share the bucket of 0
 
 
 @functools.lru_cache(maxsize=32)
-def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray] | None:
+def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray, np.ndarray] | None:
     """A lookup table for :func:`nearest_index` over buckets of float32 bit patterns.
 
     A value's bucket is its sign, exponent and top ``m`` mantissa bits, so a bucket
     spans a relative width of at most ``2**-m``. The table holds, per bucket, the
     number of midpoints strictly below every value of the bucket. With ``m`` chosen
     so that no bucket holds more than one midpoint, the nearest index is the table
-    entry plus one comparison with the next midpoint. ``None`` when no ``m`` up to
-    12 works (the caller then uses the binary search).
+    entry plus one comparison with the next midpoint. Returns ``m``, the table and
+    the float32 midpoints padded with ``inf`` (the comparison's operand), or
+    ``None`` when no ``m`` up to 12 works (the caller then uses the binary search).
     """
     midpoints = _midpoints(np.frombuffer(code_bytes, np.float32))
+    mids = midpoints.astype(np.float64)
     for m in range(3, 13):
         low_key, high_key = _SMALLEST_EXPONENT << m, 127 << m  # 1.0 is the largest |value|
         keys = np.arange(low_key, high_key + 1, dtype=np.uint32)
@@ -73,7 +74,6 @@ def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray] | None:
         low = (keys << shift).view(np.float32).astype(np.float64)
         high = (((keys + np.uint32(1)) << shift) - np.uint32(1)).view(np.float32).astype(np.float64)
         low[0] = 0.0  # the first bucket also holds every smaller magnitude
-        mids = midpoints.astype(np.float64)
         tables, fits = [], True
         for lo, hi in ((low, high), (-high, -low)):  # positive, then negative values
             below = np.searchsorted(mids, lo, side="left")  # midpoints < lo
@@ -82,7 +82,8 @@ def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray] | None:
             tables.append(below)
         if fits:
             table = np.concatenate(tables)
-            return m, table.astype(np.uint8 if table.max() < 256 else np.int32)
+            padded = np.concatenate([midpoints, np.float32([np.inf])])
+            return m, table.astype(np.uint8 if table.max() < 256 else np.int32), padded
     return None
 
 
@@ -90,13 +91,12 @@ def _count_below_by_buckets(scaled: jax.Array, code: np.ndarray) -> jax.Array | 
     found = _bucket_table(np.asarray(code, np.float32).tobytes())
     if found is None:
         return None
-    m, table = found
+    m, table, padded = found
     bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32)
     low_key, high_key = _SMALLEST_EXPONENT << m, 127 << m
     key = jnp.clip((bits & 0x7FFFFFFF) >> (23 - m), low_key, high_key) - low_key
     key = key.astype(jnp.int32) + (bits >> 31).astype(jnp.int32) * (high_key - low_key + 1)
     count = jnp.asarray(table)[key].astype(jnp.int32)
-    padded = np.concatenate([_midpoints(code), np.float32([np.inf])])
     return count + (scaled > jnp.asarray(padded)[count]).astype(jnp.int32)
 
 
@@ -116,7 +116,7 @@ def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
         if count is not None:
             return count
     code = jnp.asarray(code, jnp.float32)
-    return _count_below(scaled, (code[:-1] + code[1:]) / 2, inclusive=False)
+    return _count_below(scaled, (code[:-1] + code[1:]) / 2)
 
 
 def stochastic_index(scaled: jax.Array, code: np.ndarray | jax.Array, key: jax.Array) -> jax.Array:
