@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from varjax._base import check_interval
+from varjax._base import check_interval, one_minus_power
 
 __all__ = [
     "GradientSNRState",
@@ -37,6 +37,15 @@ class NoiseScaleState(NamedTuple):
     grad_norm_squared: jax.Array
     trace_covariance: jax.Array
     noise_scale: jax.Array
+
+
+def _debiased_ema_step(
+    previous: jax.Array, value: jax.Array, decay: float, count: jax.Array
+) -> jax.Array:
+    """The bias-corrected EMA after one more ``value``, from the bias-corrected EMA
+    ``previous`` of ``count`` earlier values (0 of them: ``previous`` is ignored)."""
+    raw = decay * one_minus_power(decay, count) * previous + (1.0 - decay) * value
+    return raw / one_minus_power(decay, count + 1)
 
 
 def noise_scale_estimates(
@@ -111,17 +120,10 @@ def gradient_noise_scale(
         large_sq = jnp.square(optax.global_norm(updates)).astype(jnp.float32)
         small_sq = jnp.square(optax.global_norm(small_batch_grads)).astype(jnp.float32)
         g2, trace = noise_scale_estimates(small_sq, large_sq, small, large)
-        count = state.count + 1
-        correction = 1.0 - decay ** count.astype(jnp.float32)
-
-        def smooth(previous_corrected: jax.Array, value: jax.Array) -> jax.Array:
-            raw = (1.0 - decay ** state.count.astype(jnp.float32)) * previous_corrected
-            return (decay * raw + (1.0 - decay) * value) / correction
-
-        g2_ema = smooth(state.grad_norm_squared, g2)
-        trace_ema = smooth(state.trace_covariance, trace)
+        g2_ema = _debiased_ema_step(state.grad_norm_squared, g2, decay, state.count)
+        trace_ema = _debiased_ema_step(state.trace_covariance, trace, decay, state.count)
         noise_scale = jnp.where(g2_ema > 0, trace_ema / jnp.where(g2_ema > 0, g2_ema, 1.0), jnp.inf)
-        return updates, NoiseScaleState(count, g2_ema, trace_ema, noise_scale)
+        return updates, NoiseScaleState(state.count + 1, g2_ema, trace_ema, noise_scale)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -246,14 +248,11 @@ def gradient_snr_monitor(
         moments = sample_moments(updates, microbatch_grads)
         layers = jax.tree.map(_layer_signal_and_variance, moments, is_leaf=is_moments)
         is_layer = lambda x: isinstance(x, _Layer)  # noqa: E731
-        count = state.count + 1
-        previous_weight = decay * (1.0 - decay ** state.count.astype(jnp.float32))
-        correction = 1.0 - decay ** count.astype(jnp.float32)
 
         def smooth(name: str, previous: optax.Updates) -> optax.Updates:
             return jax.tree.map(
-                lambda layer, old: (
-                    (previous_weight * old + (1 - decay) * getattr(layer, name)) / correction
+                lambda layer, old: _debiased_ema_step(
+                    old, getattr(layer, name), decay, state.count
                 ),
                 layers,
                 previous,
@@ -262,6 +261,6 @@ def gradient_snr_monitor(
 
         signal, variance = smooth("signal", state.signal), smooth("variance", state.variance)
         gsnr = jax.tree.map(_ratio, signal, variance)
-        return updates, GradientSNRState(count, signal, variance, gsnr)
+        return updates, GradientSNRState(state.count + 1, signal, variance, gsnr)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
