@@ -13,15 +13,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from host_devices import run_on_host_devices
 
 import varjax
 from varjax.diagnostics import noise_scale_estimates
@@ -187,14 +184,4 @@ print("gsnr sharded ok")
 def test_gsnr_across_devices_equals_microbatch_path(tmp_path) -> None:
     """On 8 host devices, ``axis_name`` statistics (collectives inside ``shard_map``)
     equal the vmap path's on the same 8 samples."""
-    script = tmp_path / "gsnr_sharded.py"
-    script.write_text(GSNR_SHARDED_SCRIPT)
-    env = os.environ | {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "gsnr sharded ok" in result.stdout
+    assert "gsnr sharded ok" in run_on_host_devices(GSNR_SHARDED_SCRIPT, tmp_path)

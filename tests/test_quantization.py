@@ -16,10 +16,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import bitsandbytes as bnb
 import bitsandbytes.backends.cpu.ops as bnb_cpu_ops
 import bitsandbytes.functional as bnbf
@@ -30,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import torch
+from host_devices import run_on_host_devices
 
 import varjax
 from varjax.quantization import (
@@ -541,17 +538,7 @@ print("sharded ok")
 def test_quantized_state_keeps_sharding(tmp_path) -> None:
     """On 8 host devices, state codes and absmax keep the parameter's sharding and the
     step gathers nothing (blocks run along the last axis, never across shards)."""
-    script = tmp_path / "sharded.py"
-    script.write_text(SHARDING_SCRIPT)
-    env = os.environ | {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sharded ok" in result.stdout
+    assert "sharded ok" in run_on_host_devices(SHARDING_SCRIPT, tmp_path)
 
 
 def worst_rounding_error(code: np.ndarray, signed: bool) -> float:
