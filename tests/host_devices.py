@@ -7,10 +7,13 @@ import os
 import pathlib
 import subprocess
 import sys
+from collections.abc import Sequence
 
 
-def run_on_host_devices(script: str, tmp_path: pathlib.Path, devices: int = 8) -> str:
-    """Run ``script`` with ``devices`` CPU devices; assert it succeeds, return its stdout."""
+def run_on_host_devices(
+    script: str, tmp_path: pathlib.Path, devices: int = 8, args: Sequence[str] = ()
+) -> str:
+    """Run ``script args`` with ``devices`` CPU devices; assert it succeeds, return its stdout."""
     path = tmp_path / "on_host_devices.py"
     path.write_text(script)
     env = os.environ | {
@@ -18,7 +21,7 @@ def run_on_host_devices(script: str, tmp_path: pathlib.Path, devices: int = 8) -
         "JAX_PLATFORMS": "cpu",
     }
     result = subprocess.run(
-        [sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -6,7 +6,8 @@
   when JAX starts), one ready optimizer per kind of state: through jitted
   steps, parameters keep their sharding, every state leaf keeps its sharding
   from step to step, state leaves shaped like a parameter are sharded like it,
-  and the results equal the single-device run.
+  and the results equal the single-device run (the check is
+  ``sharding_check.py``, which also runs by hand on a machine's GPUs).
 
 The ready optimizers are the battery's cases that are public varjax names, plus
 its storm and igt cases (``scale_by_*`` building blocks and chains are covered
@@ -105,58 +106,8 @@ def test_nnx_optimizer_and_linen_train_state(case) -> None:
     assert_trees_close(state.params["params"], expected)
 
 
-SHARDING_SCRIPT = r"""
-import sys
-sys.path.insert(0, TESTS)
-import jax, jax.numpy as jnp, numpy as np, optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from test_integration import SHARDED, loss
-
-assert len(jax.devices()) == 8
-mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("rows", "cols"))
-rng = np.random.default_rng(1)
-host = {"kernel": rng.normal(size=(16, 8)), "bias": rng.normal(size=(8,))}
-host = {k: jnp.asarray(v, jnp.float32) for k, v in host.items()}
-x = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
-y = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
-specs = {"kernel": P("rows", "cols"), "bias": P("cols")}
-
-
-def run(tx, params, steps=3):
-    def step(p, s):
-        updates, s = tx.update(jax.grad(loss)(p, x, y), s, p)
-        return optax.apply_updates(p, updates), s
-
-    state, step, shardings = jax.jit(tx.init)(params), jax.jit(step), []
-    for _ in range(steps):
-        params, state = step(params, state)
-        shardings.append([leaf.sharding for leaf in jax.tree.leaves(state)])
-    return params, state, shardings
-
-
-for case in SHARDED:
-    sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
-    params, state, shardings = run(case.build(), sharded)
-    for k, leaf in params.items():
-        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), leaf.ndim), (
-            case.name, k, leaf.sharding)
-    leaves = jax.tree.leaves(state)
-    for i, (leaf, first, second) in enumerate(zip(leaves, *shardings[1:], strict=True)):
-        # stable from step to step, and moments shaped like a parameter sharded like it
-        assert first.is_equivalent_to(second, leaf.ndim), (case.name, i, first, second)
-        for k, p in params.items():
-            if leaf.shape == p.shape and leaf.ndim > 0 and leaf.dtype != jnp.uint8:
-                assert leaf.sharding.is_equivalent_to(p.sharding, leaf.ndim), (case.name, i, k)
-    local = {k: jax.device_put(v, jax.devices()[0]) for k, v in host.items()}
-    single, _, _ = run(case.build(), local)
-    for k in host:
-        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(single[k]), rtol=1e-5,
-                                   atol=1e-6, err_msg=case.name)
-    print("sharded ok", case.name)
-"""
-
-
 def test_sharded_step_keeps_shardings_and_equals_single_device(tmp_path) -> None:
-    tests = str(pathlib.Path(__file__).resolve().parent)
-    stdout = run_on_host_devices(f"TESTS = {tests!r}\n" + SHARDING_SCRIPT, tmp_path)
+    check = pathlib.Path(__file__).resolve().parent / "sharding_check.py"
+    script = f"import runpy\nrunpy.run_path({str(check)!r}, run_name='__main__')\n"
+    stdout = run_on_host_devices(script, tmp_path, args=["--mesh", "4x2"])
     assert stdout.count("sharded ok") == len(SHARDED), stdout
