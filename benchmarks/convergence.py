@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import sysconfig
 import time
 
 import jax
@@ -37,21 +36,7 @@ import numpy as np
 import optax
 
 import varjax
-
-
-def load_text(max_chars: int) -> str:
-    """Concatenated ``.py`` files of the standard library (no site-packages), in a fixed order."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
-        text = path.read_text(encoding="utf-8", errors="ignore")
-        chunks.append(text)
-        size += len(text)
-        if size >= max_chars:
-            break
-    return "".join(chunks)[:max_chars]
+from varjax.compare.tasks import stdlib_text
 
 
 def encode(text: str) -> tuple[np.ndarray, int]:
@@ -186,7 +171,7 @@ def main() -> None:
         plot(record["results"], args.replot.with_suffix(".png"), record.get("title", ""))
         return
 
-    tokens, vocab = encode(load_text(args.chars))
+    tokens, vocab = encode(stdlib_text(args.chars))
     split = int(0.9 * len(tokens))
     train_tokens, valid_tokens = tokens[:split], tokens[split:]
     results: dict[str, list[dict]] = {}

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from convergence import batches, encode, init_model, load_text, loss_fn
+from convergence import batches, encode, init_model, loss_fn
 
 import varjax
+from varjax.compare.tasks import stdlib_text
 
 LAYERS = {"embed": ("embed",), "hidden": ("hidden", "kernel"), "out": ("out", "kernel")}
 
@@ -56,7 +57,7 @@ def make_step(tx, microbatches: int):
 
 
 def train(args) -> dict[str, list[float]]:
-    tokens, vocab = encode(load_text(args.chars))
+    tokens, vocab = encode(stdlib_text(args.chars))
     small = args.batch // args.microbatches
     tx = optax.chain(
         varjax.gradient_noise_scale(small, args.batch, decay=args.decay),
