@@ -18,6 +18,7 @@ hyper-parameters raise ``ValueError`` naming the argument.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -326,7 +327,11 @@ CASES = [
     ),
 ]
 
-CASE_IDS = [case.name for case in CASES]
+# The tests of one case share a worker (``--dist loadgroup`` in pyproject.toml), so
+# the trajectory and the compiled step below are built once per case.
+CASE_PARAMS = [
+    pytest.param(case, id=case.name, marks=pytest.mark.xdist_group(case.name)) for case in CASES
+]
 BAD_ARGS = [
     pytest.param(case, arg, value, id=f"{case.name}-{arg}")
     for case in CASES
@@ -396,13 +401,35 @@ def random_grads(seed: int = 0) -> Callable[[Any, jax.Array], Any]:
 
 def nested_params() -> dict:
     return {
-        "dense": {"kernel": jnp.full((7, 5), 0.3), "bias": jnp.zeros(5)},
+        "dense": {"kernel": jnp.full((7, 5), 0.3)},
         "scalar": jnp.asarray(1.5),
         "size_one": jnp.ones((1,)),
         "odd": jnp.linspace(-1.0, 1.0, 1001),
         "half": jnp.ones((4, 3), jnp.bfloat16),
-        "layers": [jnp.ones((3, 2)), (jnp.arange(6.0).reshape(2, 3),)],
+        "layers": [(jnp.arange(6.0).reshape(2, 3),)],
     }
+
+
+STEPS = 3  # steps of the shared trajectory: the state is carried over twice
+
+
+@functools.cache
+def trajectory(case: Case) -> tuple[Any, Any]:
+    """Params and state after ``STEPS`` jitted steps of ``case`` on :func:`nested_params`
+    with :func:`random_grads`, computed once per case. Never donate these arrays."""
+    return run(case.build(), random_grads(), nested_params(), STEPS)
+
+
+@functools.cache
+def donating_step(case: Case) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """A jitted train step of ``case`` that donates params and state, compiled once."""
+    tx = case.build()
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def assert_trees_close(a, b, rtol: float = 1e-5) -> None:
@@ -438,7 +465,7 @@ def _quadratic():
     return loss, {"x": jnp.zeros(8)}, loss({"x": x_star})
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_minimizes_convex_quadratic(case: Case) -> None:
     loss, params, optimum = _quadratic()
     steps = 1500
@@ -448,7 +475,7 @@ def test_minimizes_convex_quadratic(case: Case) -> None:
     assert gap < 1e-3 * gap0, (float(gap), float(gap0))
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_minimizes_rosenbrock(case: Case) -> None:
     def loss(p):
         return (1.0 - p["x"]) ** 2 + 100.0 * (p["y"] - p["x"] ** 2) ** 2
@@ -464,26 +491,24 @@ def test_minimizes_rosenbrock(case: Case) -> None:
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_jit_matches_no_jit(case: Case) -> None:
-    tx = case.build()
-    # two steps carry the state over once; op-by-op steps are the battery's slowest part
-    with_jit, _ = run(tx, random_grads(), nested_params(), 2, jit=True)
-    without, _ = run(tx, random_grads(), nested_params(), 2, jit=False)
+    with_jit, _ = trajectory(case)
+    without, _ = run(case.build(), random_grads(), nested_params(), STEPS, jit=False)
     assert_trees_close(with_jit, without)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_nested_tree_keeps_dtypes(case: Case) -> None:
     tx = case.build()
     params = nested_params()
     state = tx.init(params)
     grads = random_grads()(params, 0)
-    updates, state = jax.jit(tx.update)(grads, state, params)
+    updates, _ = jax.eval_shape(tx.update, grads, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
         assert u.dtype == p.dtype and u.shape == p.shape
-    new_params, new_state = run(tx, random_grads(), params, 5)
+    new_params, new_state = trajectory(case)
     for leaf in jax.tree.leaves((new_params, new_state)):
         assert jnp.all(jnp.isfinite(leaf))
     # the state keeps its dtypes from step to step (no silent promotion)
@@ -492,7 +517,7 @@ def test_nested_tree_keeps_dtypes(case: Case) -> None:
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_empty_tree(case: Case) -> None:
     tx = case.build()
     state = tx.init({})
@@ -505,37 +530,38 @@ def test_empty_tree(case: Case) -> None:
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_inject_hyperparams(case: Case) -> None:
-    plain = case.build()
     injected = optax.inject_hyperparams(lambda learning_rate: case.build(learning_rate))(
         learning_rate=case.learning_rate
     )
-    a, _ = run(plain, random_grads(), nested_params(), 3)
-    b, state = run(injected, random_grads(), nested_params(), 3)
+    a, _ = trajectory(case)
+    b, state = run(injected, random_grads(), nested_params(), STEPS)
     assert_trees_close(a, b)
     assert np.isclose(state.hyperparams["learning_rate"], case.learning_rate)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_multi_steps_equals_mean_gradient(case: Case) -> None:
     params = {"w": jnp.linspace(-1.0, 1.0, 6), "m": jnp.full((3, 2), 0.5)}
     grads = [random_grads(seed)(params, 0) for seed in range(4)]
     multi = optax.MultiSteps(case.build(), every_k_schedule=2)
     plain = case.build()
     multi_state, plain_state = multi.init(params), plain.init(params)
+    # jitted: op by op, MultiSteps' branches are traced and compiled at every call
+    multi_update, plain_update = jax.jit(multi.update), jax.jit(plain.update)
     for k in range(2):
         first, second = grads[2 * k], grads[2 * k + 1]
-        skipped, multi_state = multi.update(first, multi_state, params)
+        skipped, multi_state = multi_update(first, multi_state, params)
         assert all(jnp.all(leaf == 0) for leaf in jax.tree.leaves(skipped))
-        applied, multi_state = multi.update(second, multi_state, params)
+        applied, multi_state = multi_update(second, multi_state, params)
         mean = jax.tree.map(lambda a, b: (a + b) / 2, first, second)
-        expected, plain_state = plain.update(mean, plain_state, params)
+        expected, plain_state = plain_update(mean, plain_state, params)
         for x, y in zip(jax.tree.leaves(applied), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_masked(case: Case) -> None:
     params = {"trained": jnp.linspace(-1.0, 1.0, 6), "frozen": jnp.ones((2, 3))}
     masked = optax.masked(case.build(), {"trained": True, "frozen": False})
@@ -556,11 +582,10 @@ def test_masked(case: Case) -> None:
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_orbax_restore_continues_bit_identically(case: Case, tmp_path) -> None:
-    tx = case.build()
     grad_fn = random_grads()
-    params, state = run(tx, grad_fn, nested_params(), 3)
+    params, state = trajectory(case)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "state", {"params": params, "opt_state": state})
     checkpointer.wait_until_finished()
@@ -568,12 +593,12 @@ def test_orbax_restore_continues_bit_identically(case: Case, tmp_path) -> None:
     restored = checkpointer.restore(tmp_path / "state", target)
     assert_trees_equal(restored["opt_state"], state)
 
-    update = jax.jit(tx.update)  # one step compiled once for both continuations
+    step = donating_step(case)
 
     def continue_from(params, state):
-        for i in range(3, 6):
-            updates, state = update(grad_fn(params, i), state, params)
-            params = optax.apply_updates(params, updates)
+        params, state = jax.tree.map(jnp.copy, (params, state))  # the step donates them
+        for i in range(STEPS, 2 * STEPS):
+            params, state = step(params, state, grad_fn(params, i))
         return params, state
 
     assert_trees_equal(
@@ -581,7 +606,7 @@ def test_orbax_restore_continues_bit_identically(case: Case, tmp_path) -> None:
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_mismatched_tree_raises(case: Case) -> None:
     tx = case.build()
     params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
@@ -602,20 +627,13 @@ def test_bad_hyperparameter_raises(case: Case, arg: str, value: Any) -> None:
         case.make(learning_rate=rate, **kwargs)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_donating_params_and_state(case: Case) -> None:
     """A train step may donate params and optimizer state together (no shared buffers)."""
-    tx = case.build()
-
-    @jax.jit
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    donating = jax.jit(step, donate_argnums=(0, 1))
+    step = donating_step(case)
     params = nested_params()
-    state = tx.init(params)
+    state = case.build().init(params)
     for i in range(2):
-        params, state = donating(params, state, random_grads()(params, i))
+        params, state = step(params, state, random_grads()(params, i))
     for leaf in jax.tree.leaves(params):
         assert jnp.all(jnp.isfinite(leaf))
