@@ -68,7 +68,7 @@ def sweep(args: argparse.Namespace) -> tuple[list[int], list[dict]]:
         sizes.append(n)
         for pair in pairs:
             record = measure(pair, params, grads, args.repeats, args.steps)
-            rows.append({"params": n, **record})
+            rows.append({"params": n, "steps": args.steps, **record})
             print(f"{n:>12,} {pair[0]:>16}: {record['varjax_ms']:9.3f} ms, "
                   f"ratio {record['ratio']:.3f}", flush=True)  # fmt: skip
         del params, grads
@@ -92,8 +92,12 @@ def to_markdown(info: dict, sizes: list[int], rows: list[dict], args) -> str:
     ]
     for name in dict.fromkeys(r["optimizer"] for r in rows):
         mine = {r["params"]: r for r in rows if r["optimizer"] == name}
-        cells = [f"{mine[n]['varjax_ms']:.3f} ({mine[n]['ratio']:.2f})" for n in sizes]
-        lines.append(f"| {name} | {mine[sizes[0]]['baseline']} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{mine[n]['varjax_ms']:.3f} ({mine[n]['ratio']:.2f})" if n in mine else "-"
+            for n in sizes
+        ]  # "-": not run at that size
+        baseline = next(iter(mine.values()))["baseline"]
+        lines.append(f"| {name} | {baseline} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         info, sizes, rows = merged(args.merge)
         repeats = {r["raw_seconds"]["varjax"].__len__() for r in rows}
         args.repeats = "/".join(str(x) for x in sorted(repeats))
+        steps = {r.get("steps", args.steps) for r in rows}  # runs before 2026-11-23 lack it
+        args.steps = "/".join(str(x) for x in sorted(steps))
     else:
         info = machine()
         sizes, rows = sweep(args)
