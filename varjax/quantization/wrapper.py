@@ -127,20 +127,17 @@ def _compress(codec: _Codec, tree: PyTree, key: jax.Array | None) -> PyTree:
     paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_value_holder)
     out = []
     for i, (path, x) in enumerate(paths_and_leaves):
-        if _is_value_holder(x):  # a Flax NNX Variable: its array is the leaf
-            if not codec.should_quantize(x.get_value()):
-                out.append(x)
-                continue
-            x = x.get_value()
-        if not codec.should_quantize(x):
+        value = x.get_value() if _is_value_holder(x) else x  # a Flax NNX Variable holds it
+        if not codec.should_quantize(value):
             out.append(x)
             continue
         signed = not codec.is_unsigned(path)
         leaf_key = None if key is None else jax.random.fold_in(key, i)
-        codes, absmax = quantize_blockwise(x, codec.code(signed), codec.block_size, key=leaf_key)
+        code = codec.code(signed)
+        codes, absmax = quantize_blockwise(value, code, codec.block_size, key=leaf_key)
         if codec.bits == 4:
             codes = pack_4bit(codes)
-        out.append(QuantizedArray(codes, absmax, signed, codec.bits, tuple(x.shape)))
+        out.append(QuantizedArray(codes, absmax, signed, codec.bits, tuple(value.shape)))
     return jax.tree.unflatten(treedef, out)
 
 
