@@ -74,3 +74,11 @@ def test_adaptive_step_amsgrad_keeps_running_max() -> None:
     assert second["x"][0] == first["x"][0]  # the max holds although nu_hat fell
     assert 0.0 < second["x"][1] < 1.0
     assert int(state.count) == 2
+
+
+def test_store_after_returns_the_values_whatever_the_later_trees_hold() -> None:
+    values = {"w": jnp.arange(3.0)}
+    later = {"w": jnp.asarray([jnp.nan, jnp.inf, 1.0], jnp.bfloat16)}
+    stored = _base.store_after(values, jnp.asarray(5, jnp.int32), later, later)
+    np.testing.assert_array_equal(stored["w"], values["w"])
+    assert stored["w"].dtype == values["w"].dtype

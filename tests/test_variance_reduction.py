@@ -232,6 +232,34 @@ def test_approximate_storm_is_sgd() -> None:
     assert_sequences_close(out, grads, rtol=1e-5, atol=1e-6)
 
 
+def donated_step_temporary_bytes(tx: optax.GradientTransformation, params) -> int:
+    """Bytes of temporaries XLA allocates for a jitted, donating update-and-apply step."""
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: varjax.mars_adamw(1e-3),
+        lambda: varjax.mars_lion(1e-3),
+        lambda: optax.chain(varjax.scale_by_storm(exact=False), optax.sgd(1e-3)),
+    ],
+    ids=["mars_adamw", "mars_lion", "storm"],
+)
+def test_stored_gradient_replaces_the_old_one_in_place(make) -> None:
+    """With the state donated, the new ``g_prev`` goes into the old one's buffer, with
+    no parameter-sized temporary (``_base.store_after``); a plain store costs one
+    (a copy, and on CPU its page faults: 2.6x instead of 1.5x ``optax.adamw``)."""
+    params = {"w": jnp.ones((256, 512)), "b": jnp.ones(512)}
+    assert donated_step_temporary_bytes(make(), params) < params["w"].nbytes // 2
+
+
 def test_mars_value_and_grad_gives_both_gradients() -> None:
     def loss(p, x):
         return jnp.sum(jnp.sin(p["w"] * x))

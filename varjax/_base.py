@@ -8,6 +8,7 @@ mismatched trees into clear errors.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,6 +37,7 @@ __all__ = [
     "one_minus_power",
     "resolve",
     "scalar_float",
+    "store_after",
     "zero_count",
 ]
 
@@ -195,6 +197,28 @@ def bias_correct(moments: PyTree, decay: Any, count: Array) -> PyTree:
     """
     correction = one_minus_power(decay, count)
     return jax.tree.map(lambda m: m / correction.astype(m.dtype), moments)
+
+
+def store_after(values: PyTree, count: Array, *later: PyTree) -> PyTree:
+    """``values`` (a gradient to keep in the state), computed after the trees ``later``.
+
+    A transform that keeps the previous gradient reads it to build the new
+    moments and replaces it by the current one. When the train step donates
+    the state, the replacement goes into the old gradient's buffer, and XLA
+    (on CPU, jax 0.10) first copies the old gradient to a fresh buffer, whose
+    page faults cost more than the step itself: MARS-AdamW took 2.6x
+    ``optax.adamw`` instead of 1.5x at 18.5M parameters. Each stored leaf is
+    therefore a select between the gradient and the matching leaves of
+    ``later`` (the new moments) on ``count >= 0``: always the gradient, since
+    counts never go negative, but XLA cannot fold it, so the moments (which read
+    the old gradient) are computed first and the store is written in place.
+    """
+
+    def select(value: Array, *deps: Array) -> Array:
+        dependency = functools.reduce(jnp.add, [d.astype(value.dtype) for d in deps])
+        return jnp.where(count >= 0, value, dependency)
+
+    return jax.tree.map(select, values, *later)
 
 
 def zero_count() -> Array:

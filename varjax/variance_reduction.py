@@ -45,6 +45,7 @@ from varjax._base import (
     ema,
     init_adaptive_state,
     resolve,
+    store_after,
     zero_count,
 )
 
@@ -142,7 +143,10 @@ def mars_correction(
     code. The clip is per tensor (``norm_scope="tensor"``) as in the official
     code and pytorch-optimizer; ``"global"`` takes one norm over the whole tree,
     which is the paper's formula read literally. ``gamma`` may be a schedule
-    (the paper's ``gamma_t``).
+    (the paper's ``gamma_t``). :func:`scale_by_mars` writes the stored gradient
+    after its moments, in place in a donated state; chained by hand, the
+    correction cannot see the next transform's moments, and XLA may copy the
+    old gradient first (on CPU, one extra parameter-sized buffer a step).
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -284,10 +288,22 @@ def scale_by_mars(
             f"preconditioner must be 'adamw', 'lion' or 'shampoo', got {preconditioner!r}"
         )
     check_interval("ns_steps", ns_steps, 1.0)
-    return optax.chain(
+    chained = optax.chain(
         mars_correction(b1, gamma, exact=exact, max_norm=max_norm, norm_scope=norm_scope),
         _mars_preconditioner(preconditioner, b1, b2, eps, amsgrad, int(ns_steps)),
     )
+    if exact:  # no gradient is stored
+        return chained
+
+    def update_fn(
+        updates: PyTree, state: tuple, params: PyTree | None = None, **extra_args: Any
+    ) -> tuple[PyTree, tuple]:
+        out, (correction, moments) = chained.update(updates, state, params, **extra_args)
+        new_moments = [tree for tree in (moments.mu, moments.nu) if tree is not None]
+        stored = store_after(correction.previous_grads, correction.count, *new_moments)
+        return out, (correction._replace(previous_grads=stored), moments)
+
+    return optax.GradientTransformationExtraArgs(chained.init, update_fn)
 
 
 def mars_value_and_grad(
@@ -377,6 +393,15 @@ def _storm(
     return init_fn, direction_fn
 
 
+def _stored_gradient(
+    updates: PyTree, state: StormState, direction: PyTree, exact: bool
+) -> PyTree | None:
+    """The approximate form's next ``g_prev``, written after ``d_t`` (:func:`store_after`)."""
+    if exact:
+        return None
+    return store_after(cast_like(updates, state.previous_grads), state.count, direction)
+
+
 def scale_by_storm(
     correction: ScalarOrSchedule = 0.1, *, exact: bool = True
 ) -> optax.GradientTransformationExtraArgs:
@@ -411,7 +436,7 @@ def scale_by_storm(
         new_state = state._replace(
             count=optax.safe_increment(state.count),
             direction=cast_like(direction, state.direction),
-            previous_grads=None if exact else cast_like(updates, state.previous_grads),
+            previous_grads=_stored_gradient(updates, state, direction, exact),
         )
         return cast_like(direction, updates), new_state
 
@@ -453,7 +478,7 @@ def storm(
         new_state = StormState(
             count=optax.safe_increment(state.count),
             direction=cast_like(direction, state.direction),
-            previous_grads=None if exact else cast_like(updates, state.previous_grads),
+            previous_grads=_stored_gradient(updates, state, direction, exact),
             squared_norms=squared_norms,
             step_size=step_size,
         )
