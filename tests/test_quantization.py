@@ -27,10 +27,12 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 from host_devices import run_on_host_devices
+from memory import donated_step_temporary_bytes
 
 import varjax
 from varjax.quantization import (
     QuantizedArray,
+    blockwise,
     default_maps,
     dequantize_blockwise,
     dynamic_map,
@@ -41,6 +43,7 @@ from varjax.quantization import (
     quantize_state,
     state_bytes,
     unpack_4bit,
+    wrapper,
 )
 
 
@@ -190,6 +193,52 @@ def test_non_finite_gradient_skips_the_step() -> None:
         np.testing.assert_array_equal(a, b)
     updates, later = tx.update(grads, new_state, params)
     assert np.all(np.isfinite(updates["w"])) and int(later[0].skipped) == 1
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_all_finite_sees_every_non_finite_value(bad) -> None:
+    tree = {"a": jnp.ones((3, 5)), "b": [jnp.zeros(7, jnp.bfloat16), jnp.asarray(2.0)]}
+    assert bool(wrapper.all_finite(tree))
+    for broken in (
+        {**tree, "a": tree["a"].at[2, 4].set(bad)},
+        {**tree, "b": [tree["b"][0].at[0].set(bad), tree["b"][1]]},
+        {**tree, "b": [tree["b"][0], jnp.asarray(bad)]},
+    ):
+        assert not bool(wrapper.all_finite(broken))
+        assert not bool(jax.jit(wrapper.all_finite)(broken))
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_size"), [((1000, 700), 256), ((7,), 4), ((3, 300), 64), ((2, 5, 513), 256)]
+)
+def test_block_and_window_layouts_agree_bit_for_bit(shape, block_size) -> None:
+    """The GPU (blocks) and CPU (windows) layouts of quantize and dequantize; CI runs
+    only the CPU one through ``quantize_blockwise``."""
+    x = 3.0 * jax.random.normal(jax.random.key(1), shape)
+    by_blocks = jax.jit(blockwise._scaled_in_blocks, static_argnums=1)(x, block_size)
+    by_windows = jax.jit(blockwise._scaled_in_windows, static_argnums=1)(x, block_size)
+    for a, b in zip(by_blocks, by_windows, strict=True):
+        np.testing.assert_array_equal(a, b)
+    absmax = by_blocks[1]
+    np.testing.assert_array_equal(
+        blockwise._times_absmax_in_blocks(x, absmax, block_size),
+        blockwise._times_absmax_in_windows(x, absmax, block_size),
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "moments"),
+    [(varjax.adamw_8bit, 2), (varjax.adamw_4bit, 2), (varjax.ademamix_8bit, 3)],
+    ids=["adamw_8bit", "adamw_4bit", "ademamix_8bit"],
+)
+@pytest.mark.parametrize("shape", [(512, 1024), (1000, 700)], ids=["aligned", "padded"])
+def test_quantized_step_keeps_one_float_buffer_per_moment(make, moments, shape) -> None:
+    """On CPU, a donated quantized step allocates one float32 buffer per moment (the new
+    moment, read by the absmax and by the codes), no dequantized copies, no padded
+    copies and no boolean array for the finiteness check (it had 2x as many)."""
+    params = {"w": jnp.ones(shape), "b": jnp.ones(shape[-1])}
+    temporaries = donated_step_temporary_bytes(make(1e-3), params)
+    assert temporaries <= (moments + 0.1) * params["w"].nbytes
 
 
 def test_wraps_three_moment_and_extra_args_transforms() -> None:

@@ -25,6 +25,7 @@ import pytorch_optimizer as po
 import pytorch_optimizer.optimizer.mars as po_mars
 import references as ref
 import torch
+from memory import donated_step_temporary_bytes
 from test_rectification import (
     assert_sequences_close,
     gradient_sequence,
@@ -230,17 +231,6 @@ def test_approximate_storm_is_sgd() -> None:
     grads, _, params = sequences()
     out = run_block(varjax.scale_by_storm(0.3, exact=False), grads, params)
     assert_sequences_close(out, grads, rtol=1e-5, atol=1e-6)
-
-
-def donated_step_temporary_bytes(tx: optax.GradientTransformation, params) -> int:
-    """Bytes of temporaries XLA allocates for a jitted, donating update-and-apply step."""
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
-    return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.parametrize(

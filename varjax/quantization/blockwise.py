@@ -19,13 +19,62 @@ TINY = 1e-38  # absmax floor, as bitsandbytes: an all-zero block quantizes to co
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """``x`` as ``(*leading, n_blocks, block_size)``, the last axis zero-padded."""
-    x = jnp.atleast_1d(x)
-    n = x.shape[-1]
-    pad = -n % block_size
+    """``x`` (at least 1-D) as ``(*leading, n_blocks, block_size)``, the last axis zero-padded."""
+    pad = -x.shape[-1] % block_size
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], (n + pad) // block_size, block_size)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
+def _unblocked(blocks: jax.Array, length: int) -> jax.Array:
+    """The inverse of :func:`_blocks`: the last two axes merged and cut to ``length``."""
+    return blocks.reshape(*blocks.shape[:-2], -1)[..., :length]
+
+
+def _block_absmax(x: jax.Array, block_size: int) -> jax.Array:
+    """``max |x|`` over each block of the last axis of ``x`` (at least 1-D), shaped
+    ``(*leading, n_blocks)``, as a reduce-window (the last block padded with zeros)."""
+    window = (1,) * (x.ndim - 1) + (block_size,)
+    padding = [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % block_size)]
+    return jax.lax.reduce_window(jnp.abs(x), 0.0, jax.lax.max, window, window, padding)
+
+
+def _per_element(per_block: jax.Array, block_size: int, length: int) -> jax.Array:
+    """``per_block`` (``(*leading, n_blocks)``) repeated over each block's elements and
+    cut to ``length`` along the last axis."""
+    return jnp.repeat(per_block, block_size, axis=-1)[..., :length]
+
+
+# Two layouts of the same arithmetic, equal bit for bit (tests/test_quantization.py).
+# On GPU, XLA fuses a max over the last axis of a padded, blocked reshape with
+# what computes ``x``. XLA:CPU (jax 0.10) does not: it writes ``x`` and the
+# padded copy to fresh buffers first, whose page faults cost 8-bit Adam on CPU
+# as much as the rest of its step at 18.5M parameters. There a reduce-window
+# and a repeated per-block factor avoid both buffers; on an H100 they made the
+# 8-bit step 1.4x slower, so each platform gets its own.
+
+
+def _scaled_in_blocks(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """``x / absmax`` of each block, clipped to [-1, 1], and the absmax (block layout)."""
+    blocks = _blocks(x, block_size)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    scaled = jnp.clip(blocks * (1.0 / jnp.maximum(absmax, TINY))[..., None], -1.0, 1.0)
+    return _unblocked(scaled, x.shape[-1]), absmax
+
+
+def _scaled_in_windows(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """As :func:`_scaled_in_blocks`, in the CPU layout (no padded copy)."""
+    absmax = _block_absmax(x, block_size)
+    inverse = _per_element(1.0 / jnp.maximum(absmax, TINY), block_size, x.shape[-1])
+    return jnp.clip(x * inverse, -1.0, 1.0), absmax
+
+
+def _times_absmax_in_blocks(values: jax.Array, absmax: jax.Array, block_size: int) -> jax.Array:
+    return _unblocked(_blocks(values, block_size) * absmax[..., None], values.shape[-1])
+
+
+def _times_absmax_in_windows(values: jax.Array, absmax: jax.Array, block_size: int) -> jax.Array:
+    return values * _per_element(absmax, block_size, values.shape[-1])
 
 
 def _count_below(values: jax.Array, table: jax.Array) -> jax.Array:
@@ -159,14 +208,16 @@ def quantize_blockwise(
     if not isinstance(code, np.ndarray):
         code = jnp.asarray(code, jnp.float32)
     shape = jnp.shape(x)
-    blocks = _blocks(jnp.asarray(x, jnp.float32), block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
-    scaled = jnp.clip(blocks * (1.0 / jnp.maximum(absmax, TINY))[..., None], -1.0, 1.0)
-    index = nearest_index(scaled, code) if key is None else stochastic_index(scaled, code, key)
-    index = index.astype(jnp.uint8)
-    n = shape[-1] if shape else 1
-    index = index.reshape(*index.shape[:-2], -1)[..., :n].reshape(shape)
-    return index, absmax
+    x = jnp.atleast_1d(jnp.asarray(x, jnp.float32))
+    blocks = functools.partial(_scaled_in_blocks, block_size=block_size)
+    if key is None:
+        windows = functools.partial(_scaled_in_windows, block_size=block_size)
+        scaled, absmax = jax.lax.platform_dependent(x, cpu=windows, default=blocks)
+        index = nearest_index(scaled, code)
+    else:  # one layout everywhere, so that the random draws agree across platforms
+        scaled, absmax = blocks(x)
+        index = stochastic_index(scaled, code, key)
+    return index.astype(jnp.uint8).reshape(shape), absmax
 
 
 def pack_4bit(codes: jax.Array) -> jax.Array:
@@ -215,5 +266,11 @@ def dequantize_blockwise(
             f"absmax has {absmax.shape[-1]} blocks, codes of length {n} in blocks of "
             f"{block_size} need {-(-n // block_size)}"
         )
-    values = _blocks(code[codes.astype(jnp.int32)], block_size) * absmax[..., None]
-    return values.reshape(*values.shape[:-2], -1)[..., :n].reshape(shape).astype(dtype)
+    values = code[jnp.atleast_1d(codes).astype(jnp.int32)]
+    values = jax.lax.platform_dependent(
+        values,
+        absmax,
+        cpu=functools.partial(_times_absmax_in_windows, block_size=block_size),
+        default=functools.partial(_times_absmax_in_blocks, block_size=block_size),
+    )
+    return values.reshape(shape).astype(dtype)
