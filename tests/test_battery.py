@@ -29,6 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from memory import donating_train_step
 
 import varjax
 
@@ -423,13 +424,7 @@ def trajectory(case: Case) -> tuple[Any, Any]:
 @functools.cache
 def donating_step(case: Case) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
     """A jitted train step of ``case`` that donates params and state, compiled once."""
-    tx = case.build()
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    return donating_train_step(case.build())
 
 
 def assert_trees_close(a, b, rtol: float = 1e-5) -> None:
