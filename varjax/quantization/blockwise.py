@@ -186,10 +186,10 @@ def stochastic_index(scaled: jax.Array, code: np.ndarray | jax.Array, key: jax.A
     nearest = nearest_index(scaled, code)
     table = jnp.asarray(code, jnp.float32)
     last = table.shape[0] - 1
-    lower = jnp.clip(nearest - (table[nearest] > scaled).astype(jnp.int32), 0, last)
-    upper = jnp.minimum(lower + 1, last)
-    gap = table[upper] - table[lower]
-    fraction = jnp.where(gap > 0, (scaled - table[lower]) / jnp.where(gap > 0, gap, 1.0), 0.0)
+    lower = jnp.clip(nearest - (_take(table, nearest) > scaled).astype(jnp.int32), 0, last)
+    lower_value = _take(table, lower)
+    gap = _take(table, jnp.minimum(lower + 1, last)) - lower_value
+    fraction = jnp.where(gap > 0, (scaled - lower_value) / jnp.where(gap > 0, gap, 1.0), 0.0)
     return lower + (jax.random.uniform(key, scaled.shape) < fraction).astype(jnp.int32)
 
 
