@@ -195,6 +195,49 @@ def test_non_finite_gradient_skips_the_step() -> None:
     assert np.all(np.isfinite(updates["w"])) and int(later[0].skipped) == 1
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("make", [varjax.adam_8bit, varjax.adam_4bit])
+def test_gradient_that_overflows_the_state_skips_the_step(make, jit) -> None:
+    """A finite gradient of 1e20 squares to inf in Adam's second moment: an infinite
+    absmax would turn its whole block to NaN (it did: 256 NaN parameters a step later)."""
+    tx = make(1e-2, min_size=0)
+    update = jax.jit(tx.update) if jit else tx.update
+    params = {"w": jnp.ones((4, 300))}
+    grads = {"w": jnp.full((4, 300), 0.5)}
+    _, state = update(grads, tx.init(params), params)
+    updates, new_state = update({"w": grads["w"].at[1, 2].set(1e20)}, state, params)
+    np.testing.assert_array_equal(updates["w"], np.zeros((4, 300)))
+    assert int(new_state[0].skipped) == 1
+    before, after = state[0].inner_state, new_state[0].inner_state
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for _ in range(2):
+        updates, new_state = update(grads, new_state, params)
+        assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
+    assert int(new_state[0].skipped) == 1
+
+
+def test_nan_in_the_new_state_skips_the_step() -> None:
+    """A NaN the inner transform makes from a finite gradient (here a log of a negative
+    entry) shows in its block's absmax, and the step is skipped."""
+
+    def update(g, state, params=None):
+        return g, jax.tree.map(jnp.log, g)
+
+    tx = quantize_state(optax.GradientTransformation(lambda p: p, update), min_size=0)
+    params = {"w": jnp.ones((3, 512))}
+    state = tx.init(params)
+    for run in (tx.update, jax.jit(tx.update)):
+        updates, new_state = run({"w": params["w"].at[2, 400].set(-1.0)}, state, params)
+        assert int(new_state.skipped) == 1
+        np.testing.assert_array_equal(updates["w"], np.zeros((3, 512)))
+        kept, old = new_state.inner_state["w"], state.inner_state["w"]
+        np.testing.assert_array_equal(kept.codes, old.codes)
+        np.testing.assert_array_equal(kept.absmax, old.absmax)
+        _, new_state = run(params, state, params)
+        assert int(new_state.skipped) == 0
+
+
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
 def test_all_finite_sees_every_non_finite_value(bad) -> None:
     tree = {"a": jnp.ones((3, 5)), "b": [jnp.zeros(7, jnp.bfloat16), jnp.asarray(2.0)]}
