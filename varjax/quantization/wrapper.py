@@ -25,6 +25,11 @@ PyTree = Any
 # Inner-state fields that hold non-negative second moments (Optax and varjax
 # names, plus PyTorch's): they get the unsigned map, everything else the signed one.
 UNSIGNED_FIELDS = frozenset({"nu", "nu_max", "v", "exp_avg_sq", "max_exp_avg_sq"})
+# Inner-state fields that hold a copy of the parameters (varjax IGT's true parameters,
+# Optax's schedule-free ``z``, DoG's and DoWG's ``init_params``, Prodigy's ``params0``,
+# Mechanic's ``x0``): they stay in full precision, since parameters rounded to 8 bits
+# are another model, and a distance to rounded starting parameters is noise.
+PARAMETER_FIELDS = frozenset({"true_params", "z", "init_params", "params0", "x0"})
 
 
 @functools.partial(
@@ -80,6 +85,14 @@ def is_second_moment(path: tuple) -> bool:
     )
 
 
+def holds_parameters(path: tuple) -> bool:
+    """Whether a state leaf sits under a field named like a copy of the parameters
+    (:data:`PARAMETER_FIELDS`); as :func:`is_second_moment`, only attribute names count."""
+    return any(
+        isinstance(key, jax.tree_util.GetAttrKey) and key.name in PARAMETER_FIELDS for key in path
+    )
+
+
 def _check_map(name: str, code: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     code = np.asarray(code, np.float32)
     low = -1.0 if signed else 0.0
@@ -107,15 +120,17 @@ class _Codec:
     block_size: int
     min_size: int
     is_unsigned: Callable[[tuple], bool]
+    is_full_precision: Callable[[tuple], bool]
     signed_map: tuple[float, ...]
     unsigned_map: tuple[float, ...]
 
     def code(self, signed: bool) -> np.ndarray:
         return np.asarray(self.signed_map if signed else self.unsigned_map, np.float32)
 
-    def should_quantize(self, x: Any) -> bool:
+    def should_quantize(self, path: tuple, x: Any) -> bool:
         return (
-            isinstance(x, jax.Array | np.ndarray)
+            not self.is_full_precision(path)
+            and isinstance(x, jax.Array | np.ndarray)
             and jnp.issubdtype(x.dtype, jnp.floating)
             and x.size >= max(self.min_size, 1)
         )
@@ -128,7 +143,7 @@ def _compress(codec: _Codec, tree: PyTree, key: jax.Array | None) -> PyTree:
     out = []
     for i, (path, x) in enumerate(paths_and_leaves):
         value = x.get_value() if _is_value_holder(x) else x  # a Flax NNX Variable holds it
-        if not codec.should_quantize(value):
+        if not codec.should_quantize(path, value):
             out.append(x)
             continue
         signed = not codec.is_unsigned(path)
@@ -192,6 +207,7 @@ def quantize_state(
     block_size: int | None = None,
     min_size: int = 4096,
     unsigned: Callable[[tuple], bool] | None = None,
+    full_precision: Callable[[tuple], bool] | None = None,
     signed_map: np.ndarray | None = None,
     unsigned_map: np.ndarray | None = None,
     stochastic_rounding: bool = False,
@@ -211,6 +227,11 @@ def quantize_state(
     ``v``, ``exp_avg_sq``) get the unsigned map and the rest the signed one;
     pass ``unsigned(key_path) -> bool`` to choose otherwise. An unsigned map
     clips negative values to zero, so only non-negative moments may use it.
+    Leaves under a field that holds a copy of the parameters (``true_params``,
+    ``z``, ``init_params``, ``params0``, ``x0``: IGT, schedule-free, DoG,
+    Prodigy, Mechanic) stay in full precision; pass
+    ``full_precision(key_path) -> bool`` to choose which leaves stay unquantized
+    instead.
 
     - ``bits=8`` (default ``block_size=256``, about 1.02 bytes per element):
       bitsandbytes' dynamic maps and defaults, codes equal to its
@@ -263,6 +284,7 @@ def quantize_state(
         block_size,
         min_size,
         unsigned or is_second_moment,
+        full_precision or holds_parameters,
         tuple(float(v) for v in signed_code),
         tuple(float(v) for v in unsigned_code),
     )
