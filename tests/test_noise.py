@@ -205,6 +205,32 @@ def test_agvm_matches_reference() -> None:
     assert reference.factors["head"] < 0.8  # the noisier head gets a smaller rate
 
 
+@pytest.mark.parametrize("bad", [1e30, float("nan")])
+def test_agvm_keeps_its_factors_through_a_non_finite_measurement(bad) -> None:
+    """Samples scaled by 1e30 overflow the dot product and squared norms (inf / inf =
+    NaN), and a NaN sample is NaN: either way the factors keep their values, where the
+    EMA would stay NaN."""
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    labels = {"a": "vector", "b": "matrix"}
+    tx = varjax.agvm(optax.scale_by_adam(), labels, "vector", interval=1)
+    b = jnp.asarray([[[1.0, 0.2], [0.3, 1.0]], [[0.2, 1.0], [1.0, 0.1]]])
+    samples = {"a": jnp.ones((2, 3)), "b": b}
+    grads = jax.tree.map(lambda s: s.mean(0), samples)
+    _, state = tx.update(grads, tx.init(params), params, microbatch_grads=samples)
+    before = {k: float(v) for k, v in state.factors.items()}
+    assert before["matrix"] < 1.0
+    broken = {**samples, "b": samples["b"] * bad}
+    updates, state = jax.jit(tx.update)(
+        jax.tree.map(lambda s: s.mean(0), broken), state, params, microbatch_grads=broken
+    )
+    assert {k: float(v) for k, v in state.factors.items()} == before
+    assert bool(jnp.all(jnp.isfinite(updates["a"])))
+    if bad == 1e30:  # Adam's step of a finite gradient stays finite, as in optax.adam
+        assert bool(jnp.all(jnp.isfinite(updates["b"])))
+    _, state = tx.update(grads, state, params, microbatch_grads=samples)
+    assert float(state.factors["matrix"]) < before["matrix"]
+
+
 def test_agvm_schedule_labels_function_and_errors() -> None:
     params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
     labels = lambda p: jax.tree.map(lambda x: "matrix" if x.ndim == 2 else "vector", p)  # noqa: E731

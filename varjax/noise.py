@@ -257,7 +257,9 @@ def agvm(
     Adam, the official code measures the cosine on Adam-preconditioned
     gradients; here it is always the raw gradients. The variance is computed
     every step and used on measuring steps only (one extra pass over the
-    gradients).
+    gradients). A measurement that is not finite, from a non-finite gradient
+    or one so large that its squared norm overflows float32, leaves the
+    factors as they are (in the EMA it would stay NaN for good).
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -319,8 +321,12 @@ def agvm(
             updates = jax.lax.pmean(updates, axis_name)
         measuring = (state.count >= start_step) & ((state.count - start_step) % interval == 0)
         target = measured_factors(flat_labels, first, second)
-        factors = {
-            label: jnp.where(measuring, momentum * old + (1.0 - momentum) * target[label], old)
+        factors = {  # a non-finite measurement would stay in the EMA for good
+            label: jnp.where(
+                measuring & jnp.isfinite(target[label]),
+                momentum * old + (1.0 - momentum) * target[label],
+                old,
+            )
             for label, old in state.factors.items()
         }
         out, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
