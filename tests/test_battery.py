@@ -9,7 +9,8 @@ Checked for each case: it minimises a convex quadratic and the Rosenbrock
 function (with schedules as learning rates); jit and no-jit
 agree; nested pytrees with a scalar, a size-1 leaf, an odd size, a bfloat16
 leaf, and the empty tree work and keep each leaf's dtype; it works inside
-``optax.inject_hyperparams``, ``optax.MultiSteps`` and ``optax.masked``; its
+``optax.inject_hyperparams``, ``optax.MultiSteps``, ``optax.masked`` and
+``optax.apply_if_finite`` (a NaN step dropped, the run continuing exactly); its
 state survives an Orbax save/restore with a bit-identical continuation; a
 gradient tree that does not match the state raises ``ValueError``; bad
 hyper-parameters raise ``ValueError`` naming the argument.
@@ -599,6 +600,37 @@ def test_orbax_restore_continues_bit_identically(case: Case, tmp_path) -> None:
     assert_trees_equal(
         continue_from(params, state), continue_from(restored["params"], restored["opt_state"])
     )
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_apply_if_finite_drops_a_non_finite_step(case: Case) -> None:
+    """The documented behaviour for a NaN or Inf gradient: like Optax's, varjax's
+    transforms pass it on (quantized state excepted: it skips the step itself), and
+    ``optax.apply_if_finite`` drops the step, so that the run continues exactly as if
+    it never came."""
+    tx = optax.apply_if_finite(case.build(), max_consecutive_errors=3)
+    grads = random_grads()
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def run_steps(indices):
+        params = nested_params()
+        state = tx.init(params)
+        for i in indices:
+            g = grads(params, jnp.asarray(abs(i)))
+            if i < 0:
+                g["dense"]["kernel"] = g["dense"]["kernel"].at[2, 3].set(jnp.nan)
+                g["odd"] = g["odd"].at[500].set(jnp.inf)
+            params, state = step(params, state, g)
+        return params, state
+
+    clean, _ = run_steps([0, 1, 2])
+    params, state = run_steps([0, -7, 1, 2])
+    assert int(state.total_notfinite) == 1
+    assert_trees_equal(params, clean)
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
