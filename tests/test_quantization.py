@@ -676,6 +676,12 @@ for make, block in ((varjax.adamw_8bit, 256), (varjax.adamw_4bit, 128)):
                 assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), leaf.ndim), (
                     make.__name__, k, leaf.shape, leaf.sharding
                 )
+    # a gradient that overflows the second moment on one shard skips the whole step
+    overflow = {**params, "cols": params["cols"].at[3, 4000].set(1e20)}
+    _, skipped = step(overflow, state, params)
+    assert int(skipped[0].skipped) == 1 and int(state[0].skipped) == 0
+    kept = zip(jax.tree.leaves(skipped[0].inner_state), jax.tree.leaves(state[0].inner_state))
+    assert all(bool((new == old).all()) for new, old in kept)
 print("sharded ok")
 """
 
