@@ -189,7 +189,17 @@ CASES = [
         "cautious_lion",
         with_rate(lambda **kw: varjax.cautious(optax.scale_by_lion(**kw))),
     ),
-    Case("mars_adamw", varjax.mars_adamw, bad=(*MARS_BAD, ("b1_1d", 1.0), ("weight_decay", -1))),
+    Case(
+        "mars_adamw",
+        varjax.mars_adamw,
+        bad=(
+            *MARS_BAD,
+            ("b1_1d", 1.0),
+            ("weight_decay", -1),
+            ("weight_decay_1d", -1.0),
+            ("learning_rate_1d", -1.0),
+        ),
+    ),
     Case("mars_adamw_all_leaves", lambda **kw: varjax.mars_adamw(optimize_1d=True, **kw)),
     Case(
         "mars_adamw_exact_clip_global",

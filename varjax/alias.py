@@ -317,6 +317,9 @@ def _mars(
         return mars
     check_interval("b1_1d", b1_1d, 0.0, 1.0, high_closed=False)
     check_interval("b2_1d", b2_1d, 0.0, 1.0, high_closed=False)
+    check_interval("weight_decay_1d", weight_decay_1d, 0.0)  # named here, not as weight_decay
+    if learning_rate_1d is not None:
+        check_interval("learning_rate_1d", learning_rate_1d, 0.0)
     rate_1d = learning_rate if learning_rate_1d is None else learning_rate_1d
     adamw_1d = _with_decay_and_rate(
         optax.scale_by_adam(b1_1d, b2_1d, eps), rate_1d, weight_decay_1d
