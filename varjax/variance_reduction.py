@@ -655,6 +655,11 @@ def multi_momentum(
     over clusters, ``nu < 1`` QHM; inside :func:`implicit_gradient_transport`
     (with ``gamma=decay``) it is the paper's IGT combination.
 
+    Not yet checked against the paper's algorithm: only its abstract was
+    reachable here, so the buffer update (the ``1 - decay`` damping, which buffer
+    takes the gradient) and the combination follow the abstract's description of
+    one momentum per cluster, and the float64 test reference restates them.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.multi_momentum(num_clusters=4),
