@@ -73,6 +73,12 @@ def _is_value_holder(x: Any) -> bool:
     return hasattr(x, "get_value") and hasattr(x, "get_metadata")
 
 
+def _under_field(path: tuple, names: frozenset[str]) -> bool:
+    """Whether ``path`` passes through an attribute (a state NamedTuple's field) in
+    ``names``. Dict keys do not count, so a parameter called ``v`` is not a field."""
+    return any(isinstance(key, jax.tree_util.GetAttrKey) and key.name in names for key in path)
+
+
 def is_second_moment(path: tuple) -> bool:
     """Whether a state leaf sits under a field named like a second moment.
 
@@ -80,17 +86,13 @@ def is_second_moment(path: tuple) -> bool:
     NamedTuples), not dict keys, so a parameter called ``v`` is not mistaken
     for a second moment.
     """
-    return any(
-        isinstance(key, jax.tree_util.GetAttrKey) and key.name in UNSIGNED_FIELDS for key in path
-    )
+    return _under_field(path, UNSIGNED_FIELDS)
 
 
 def holds_parameters(path: tuple) -> bool:
     """Whether a state leaf sits under a field named like a copy of the parameters
     (:data:`PARAMETER_FIELDS`); as :func:`is_second_moment`, only attribute names count."""
-    return any(
-        isinstance(key, jax.tree_util.GetAttrKey) and key.name in PARAMETER_FIELDS for key in path
-    )
+    return _under_field(path, PARAMETER_FIELDS)
 
 
 def _check_map(name: str, code: np.ndarray, bits: int, signed: bool) -> np.ndarray:
