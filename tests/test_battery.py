@@ -620,11 +620,7 @@ def test_apply_if_finite_drops_a_non_finite_step(case: Case) -> None:
     it never came."""
     tx = optax.apply_if_finite(case.build(), max_consecutive_errors=3)
     grads = random_grads()
-
-    @jax.jit
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+    step = donating_train_step(tx)  # each step's inputs are fresh or not used again
 
     def run_steps(indices):
         params = nested_params()
