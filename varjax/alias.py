@@ -517,8 +517,11 @@ def igt(
 _QUANTIZED_DOC = """
     The optimizer state is kept block-wise quantized by
     :func:`varjax.quantization.quantize_state` (blocks of ``block_size`` along
-    the last axis, leaves under ``min_size`` elements in float32, steps with a
-    non-finite gradient skipped, nearest or ``stochastic_rounding``). 8 bits:
+    the last axis, leaves under ``min_size`` elements in float32, nearest or
+    ``stochastic_rounding``). The wrapper holds the whole optimizer, weight decay
+    and learning rate included, so a step with a non-finite gradient (or one
+    that overflows the state) is skipped whole: zero updates, the state and any
+    learning-rate schedule unchanged, and ``state.skipped`` counts it. 8 bits:
     bitsandbytes' dynamic maps, about 2.04 bytes per parameter for two moments
     instead of 8. 4 bits: the maps of Li et al. (2023), about 1.06 bytes.
 """
@@ -535,8 +538,8 @@ def _quantized_adam(
     quantization: dict[str, Any],
 ) -> optax.GradientTransformationExtraArgs:
     check_adam_hyperparameters(b1, b2, eps)
-    block = quantize_state(optax.scale_by_adam(b1, b2, eps), bits=bits, **quantization)
-    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+    step = _with_decay_and_rate(optax.scale_by_adam(b1, b2, eps), learning_rate, weight_decay, mask)
+    return quantize_state(step, bits=bits, **quantization)
 
 
 def _quantized_lion(
@@ -550,8 +553,8 @@ def _quantized_lion(
 ) -> optax.GradientTransformationExtraArgs:
     check_interval("b1", b1, 0.0, 1.0)
     check_interval("b2", b2, 0.0, 1.0)
-    block = quantize_state(optax.scale_by_lion(b1, b2), bits=bits, **quantization)
-    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+    step = _with_decay_and_rate(optax.scale_by_lion(b1, b2), learning_rate, weight_decay, mask)
+    return quantize_state(step, bits=bits, **quantization)
 
 
 def _quantized_ademamix(
@@ -565,10 +568,10 @@ def _quantized_ademamix(
     weight_decay: ScalarOrSchedule,
     quantization: dict[str, Any],
 ) -> optax.GradientTransformationExtraArgs:
-    block = quantize_state(
-        multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps), bits=bits, **quantization
+    step = _with_decay_and_rate(
+        multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps), learning_rate, weight_decay
     )
-    return _with_decay_and_rate(block, learning_rate, weight_decay)
+    return quantize_state(step, bits=bits, **quantization)
 
 
 def adam_8bit(

@@ -267,7 +267,10 @@ def quantize_state(
     the updates are zero, the state is left unchanged and ``skipped`` is
     incremented, as ``optax.apply_if_finite`` does. (Full-precision Adam keeps
     an infinite second moment and freezes that one element; here its block of
-    ``block_size`` neighbours would turn to NaN.)
+    ``block_size`` neighbours would turn to NaN.) Only the wrapped transform
+    is skipped: a weight decay or learning-rate schedule chained after the
+    wrapper still acts, so wrap the whole chain, as the ready optimizers
+    (:func:`varjax.adamw_8bit` and the others) do, to skip the whole step.
 
     Example:
       >>> import jax.numpy as jnp, optax
