@@ -544,12 +544,17 @@ def _project_if_scale_invariant(
     ``step - param * <param, step> / (|param| + eps)^2``, per channel or for the
     whole weight. All it needs are four per-channel sums (the whole weight's are
     their totals), so it costs one reduction pass and one elementwise pass.
+    The channel sums pass through an optimization barrier: without it XLA
+    rewrites each total as a second full reduction over the inputs, which reads
+    them all again (on an H200 at 251M parameters, 5.76 ms a step against 4.63).
     Returns the (maybe) projected step and whether a projection happened.
     """
     axes = tuple(range(param.ndim - 1))
-    g_dot_p, g_sq, p_sq, p_dot_u = (
-        jnp.sum(a * b, axis=axes)
-        for a, b in ((grad, param), (grad, grad), (param, param), (param, step))
+    g_dot_p, g_sq, p_sq, p_dot_u = jax.lax.optimization_barrier(
+        tuple(
+            jnp.sum(a * b, axis=axes)
+            for a, b in ((grad, param), (grad, grad), (param, param), (param, step))
+        )
     )
 
     def cosine(dot, a_sq, b_sq):
