@@ -412,9 +412,11 @@ def random_grads(seed: int = 0) -> Callable[[Any, jax.Array], Any]:
 
 
 def nested_params() -> dict:
+    # strongly typed leaves: a weakly typed one (``jnp.full(shape, 0.3)``) comes back
+    # from the first step strongly typed, so every jitted step compiled twice
     return {
-        "dense": {"kernel": jnp.full((7, 5), 0.3)},
-        "scalar": jnp.asarray(1.5),
+        "dense": {"kernel": jnp.full((7, 5), 0.3, jnp.float32)},
+        "scalar": jnp.asarray(1.5, jnp.float32),
         "size_one": jnp.ones((1,)),
         "odd": jnp.linspace(-1.0, 1.0, 1001),
         "half": jnp.ones((4, 3), jnp.bfloat16),
