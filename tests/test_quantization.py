@@ -33,6 +33,7 @@ from memory import donated_step_temporary_bytes
 import varjax
 from varjax.quantization import (
     QuantizedArray,
+    Role,
     blockwise,
     default_maps,
     dequantize_blockwise,
@@ -181,10 +182,8 @@ def test_parameter_named_v_keeps_the_signed_map() -> None:
 
 def _parameter_copies(state) -> list:
     """The leaves of ``state`` under a field that holds a copy of the parameters."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, QuantizedArray)
-    )
-    return [leaf for path, leaf in flat if wrapper.holds_parameters(path)]
+    flat = varjax.roles.leaf_roles(state, is_leaf=lambda x: isinstance(x, QuantizedArray))
+    return [leaf for _, leaf, role in flat if role is Role.PARAMETERS]
 
 
 @pytest.mark.parametrize(
@@ -209,7 +208,7 @@ def test_copies_of_the_parameters_stay_in_full_precision(make) -> None:
     plain, quantized = make(), quantize_state(make(), min_size=0)
     _, plain_state = jax.jit(plain.update)(grads, plain.init(params), params)
     _, state = jax.jit(quantized.update)(grads, quantized.init(params), params)
-    copies, expected = _parameter_copies(state), _parameter_copies(plain_state)
+    copies, expected = _parameter_copies(state.inner_state), _parameter_copies(plain_state)
     assert copies and len(copies) == len(expected)
     for copy, want in zip(copies, expected, strict=True):
         assert not isinstance(copy, QuantizedArray)
@@ -217,19 +216,22 @@ def test_copies_of_the_parameters_stay_in_full_precision(make) -> None:
         np.testing.assert_allclose(copy, want, rtol=1e-6, atol=1e-7)
 
 
-def test_full_precision_chooses_the_unquantized_leaves() -> None:
-    tx = quantize_state(optax.scale_by_adam(), min_size=0, full_precision=wrapper.is_second_moment)
-    state = tx.init({"w": jnp.zeros((4, 8))})
-    assert is_quantized(state.inner_state.mu["w"], True)
-    assert not isinstance(state.inner_state.nu["w"], QuantizedArray)
-    everything = quantize_state(optax.scale_by_adam(), min_size=0, full_precision=lambda _: True)
-    assert not any(
-        isinstance(x, QuantizedArray)
-        for x in jax.tree.leaves(
-            everything.init({"w": jnp.zeros((4, 8))}),
-            is_leaf=lambda x: isinstance(x, QuantizedArray),
-        )
-    )
+def test_roles_override_chooses_the_unquantized_leaves() -> None:
+    """A mapping from patterns to roles, or a function of the path and declared role."""
+    params = {"embed": jnp.zeros((4, 8)), "w": jnp.zeros((4, 8))}
+    by_pattern = quantize_state(optax.scale_by_adam(), min_size=0, roles={"embed": Role.EXACT})
+    state = by_pattern.init(params).inner_state
+    assert not isinstance(state.mu["embed"], QuantizedArray)
+    assert not isinstance(state.nu["embed"], QuantizedArray)
+    assert is_quantized(state.mu["w"], True) and is_quantized(state.nu["w"], False)
+
+    def second_moments_exact(path, role):
+        return Role.EXACT if role is Role.NON_NEGATIVE else role
+
+    by_function = quantize_state(optax.scale_by_adam(), min_size=0, roles=second_moments_exact)
+    state = by_function.init(params).inner_state
+    assert is_quantized(state.mu["w"], True)
+    assert not isinstance(state.nu["w"], QuantizedArray)
 
 
 @pytest.mark.parametrize("make", [varjax.adam_8bit, varjax.adamw_8bit, varjax.lion_4bit])
@@ -276,12 +278,14 @@ def test_gradient_that_overflows_the_state_skips_the_step(make, jit) -> None:
 
 def test_nan_in_the_new_state_skips_the_step() -> None:
     """A NaN the inner transform makes from a finite gradient (here a log of a negative
-    entry) shows in its block's absmax, and the step is skipped."""
+    entry) shows in its block's absmax, and the step is skipped. (The state, a plain
+    dict, declares no role; the override makes it a signed moment.)"""
 
     def update(g, state, params=None):
         return g, jax.tree.map(jnp.log, g)
 
-    tx = quantize_state(optax.GradientTransformation(lambda p: p, update), min_size=0)
+    inner = optax.GradientTransformation(lambda p: p, update)
+    tx = quantize_state(inner, min_size=0, roles=lambda path, role: Role.SIGNED)
     params = {"w": jnp.ones((3, 512))}
     state = tx.init(params)
     for run in (tx.update, jax.jit(tx.update)):

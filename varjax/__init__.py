@@ -1,6 +1,6 @@
 """varjax: variance-aware optimizers for JAX, as composable Optax transforms."""
 
-from varjax import quantization
+from varjax import quantization, roles
 from varjax.alias import (
     adam_4bit,
     adam_8bit,
@@ -37,6 +37,7 @@ from varjax.multi_ema import (
     scale_by_simplified_ademamix,
 )
 from varjax.noise import agvm, autoclip, quantile_clipping, scale_by_gsnr
+from varjax.quantization import quantize_state
 from varjax.rectification import (
     cautious,
     rectification,
@@ -102,9 +103,11 @@ __all__ = [
     "qhm",
     "quantile_clipping",
     "quantization",
+    "quantize_state",
     "radam",
     "rectification",
     "rectify",
+    "roles",
     "scale_by_adam_atan2",
     "scale_by_adamp",
     "scale_by_ademamix",

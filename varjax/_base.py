@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from varjax import roles
+from varjax.roles import Role
+
 Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -226,6 +229,7 @@ def zero_count() -> Array:
     return jnp.zeros([], jnp.int32)
 
 
+@roles.declare(count=Role.COUNT, mu=Role.SIGNED, nu=Role.NON_NEGATIVE, nu_max=Role.NON_NEGATIVE)
 class AdaptiveState(NamedTuple):
     """State of an Adam-like block: step count and the gradient's moments.
 

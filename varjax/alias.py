@@ -18,6 +18,7 @@ import optax
 from varjax import multi_ema, rectification, variance_reduction
 from varjax._base import ScalarOrSchedule, check_adam_hyperparameters, check_interval
 from varjax.quantization import quantize_state
+from varjax.roles import RoleOverride
 
 __all__ = [
     "adam_4bit",
@@ -516,11 +517,17 @@ def igt(
 
 _QUANTIZED_DOC = """
     The optimizer state is kept block-wise quantized by
-    :func:`varjax.quantization.quantize_state` (blocks of ``block_size`` along
-    the last axis, leaves under ``min_size`` elements in float32, nearest or
-    ``stochastic_rounding``). The wrapper holds the whole optimizer, weight decay
-    and learning rate included, so a step with a non-finite gradient (or one
-    that overflows the state) is skipped whole: zero updates, the state and any
+    :func:`varjax.quantize_state` (blocks of ``block_size`` along the last axis:
+    ``None`` gives 256 at 8 bits, 128 at 4 bits; leaves under ``min_size``
+    elements, ``None`` giving 4096, in float32; nearest or
+    ``stochastic_rounding``; ``roles`` overrides the declared role of chosen
+    state leaves, e.g. ``roles={"embed": varjax.roles.Role.EXACT}`` keeps the
+    state of embeddings in float32). Inside ``optax.inject_hyperparams`` the
+    learning rate, betas and weight decay can be injected; an explicit
+    ``block_size`` or ``min_size`` must then be named in ``static_args``. The
+    wrapper holds the whole optimizer, weight decay and learning rate included,
+    so a step with a non-finite gradient (or one that overflows the state) is
+    skipped whole: zero updates, the state and any
     learning-rate schedule unchanged, and ``state.skipped`` counts it. 8 bits:
     bitsandbytes' dynamic maps, about 2.04 bytes per parameter for two moments
     instead of 8. 4 bits: the maps of Li et al. (2023), about 1.06 bytes.
@@ -580,9 +587,10 @@ def adam_8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    block_size: int = 256,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam with 8-bit state (Dettmers et al., 2022), as bitsandbytes' ``Adam8bit``.
     {doc}
@@ -592,7 +600,10 @@ def adam_8bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_adam(8, learning_rate, b1, b2, eps, 0.0, None, quantization)
 
@@ -603,9 +614,10 @@ def adam_4bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam with 4-bit state (Li et al., 2023, "Memory Efficient Optimizers with 4-bit States").
     {doc}
@@ -615,7 +627,10 @@ def adam_4bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_adam(4, learning_rate, b1, b2, eps, 0.0, None, quantization)
 
@@ -628,9 +643,10 @@ def adamw_8bit(
     weight_decay: ScalarOrSchedule = 1e-4,
     *,
     mask: MaskOrFn = None,
-    block_size: int = 256,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW with 8-bit state. ``weight_decay=1e-4`` as ``optax.adamw`` (bitsandbytes'
     ``AdamW8bit`` defaults to 1e-2).
@@ -641,7 +657,10 @@ def adamw_8bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_adam(8, learning_rate, b1, b2, eps, weight_decay, mask, quantization)
 
@@ -654,9 +673,10 @@ def adamw_4bit(
     weight_decay: ScalarOrSchedule = 1e-4,
     *,
     mask: MaskOrFn = None,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW with 4-bit state (Li et al., 2023). ``weight_decay=1e-4`` as ``optax.adamw``.
     {doc}
@@ -666,7 +686,10 @@ def adamw_4bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_adam(4, learning_rate, b1, b2, eps, weight_decay, mask, quantization)
 
@@ -678,9 +701,10 @@ def lion_8bit(
     weight_decay: ScalarOrSchedule = 1e-3,
     *,
     mask: MaskOrFn = None,
-    block_size: int = 256,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Lion (Chen et al., 2023) with 8-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
     {doc}
@@ -690,7 +714,10 @@ def lion_8bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_lion(8, learning_rate, b1, b2, weight_decay, mask, quantization)
 
@@ -702,9 +729,10 @@ def lion_4bit(
     weight_decay: ScalarOrSchedule = 1e-3,
     *,
     mask: MaskOrFn = None,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Lion with 4-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
     {doc}
@@ -714,7 +742,10 @@ def lion_4bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_lion(4, learning_rate, b1, b2, weight_decay, mask, quantization)
 
@@ -728,9 +759,10 @@ def ademamix_8bit(
     eps: float = 1e-8,
     weight_decay: ScalarOrSchedule = 0.0,
     *,
-    block_size: int = 256,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdEMAMix (:func:`varjax.ademamix`) with its three moments in 8 bits, as
     bitsandbytes' ``AdEMAMix8bit``.
@@ -741,7 +773,10 @@ def ademamix_8bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_ademamix(8, learning_rate, b1, b2, b3, alpha, eps, weight_decay, quantization)
 
@@ -755,9 +790,10 @@ def ademamix_4bit(
     eps: float = 1e-8,
     weight_decay: ScalarOrSchedule = 0.0,
     *,
-    block_size: int = 128,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
     stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdEMAMix (:func:`varjax.ademamix`) with its three moments in 4 bits.
     {doc}
@@ -767,7 +803,10 @@ def ademamix_4bit(
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
     """
     quantization = dict(
-        block_size=block_size, min_size=min_size, stochastic_rounding=stochastic_rounding
+        block_size=block_size,
+        min_size=min_size,
+        stochastic_rounding=stochastic_rounding,
+        roles=roles,
     )
     return _quantized_ademamix(4, learning_rate, b1, b2, b3, alpha, eps, weight_decay, quantization)
 

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from varjax import roles
 from varjax._base import check_interval, one_minus_power, signal_to_noise
 from varjax._samples import Moments, is_moments, sample_moments
+from varjax.roles import Role
 
 __all__ = [
     "GradientSNRState",
@@ -41,6 +43,12 @@ def state_bytes(state: Any) -> int:
     )
 
 
+@roles.declare(
+    count=Role.COUNT,
+    grad_norm_squared=Role.EXACT,
+    trace_covariance=Role.EXACT,
+    noise_scale=Role.EXACT,
+)
 class NoiseScaleState(NamedTuple):
     """State of :func:`gradient_noise_scale`.
 
@@ -149,6 +157,7 @@ def gradient_noise_scale(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@roles.declare(count=Role.COUNT, signal=Role.EXACT, variance=Role.EXACT, gsnr=Role.EXACT)
 class GradientSNRState(NamedTuple):
     """State of :func:`gradient_snr_monitor`, one scalar per parameter leaf: ``signal``,
     the mean over the leaf's elements of the unbiased estimate of the squared

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from varjax import roles
 from varjax._base import (
     PyTree,
     ScalarOrSchedule,
@@ -34,6 +35,7 @@ from varjax._base import (
     resolve,
     zero_count,
 )
+from varjax.roles import Role
 
 __all__ = [
     "GrokfastEMAState",
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 
+@roles.declare(count=Role.COUNT, emas=Role.SIGNED)
 class MultiEMAState(NamedTuple):
     """State of :func:`multi_ema`: the step count and one EMA tree per decay."""
 
@@ -122,6 +125,7 @@ def multi_ema(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@roles.declare(count=Role.COUNT, numerator_state=Role.NESTED, nu=Role.NON_NEGATIVE)
 class SecondMomentState(NamedTuple):
     """State of :func:`scale_by_second_moment`."""
 
@@ -289,6 +293,7 @@ def ademamix_beta3_schedule(b1: float, b3: float, warmup_steps: int) -> optax.Sc
     return schedule
 
 
+@roles.declare(count=Role.COUNT, mu=Role.SIGNED)
 class GrokfastEMAState(NamedTuple):
     """State of :func:`grokfast_ema`: the step count and the gradient's EMA."""
 
@@ -328,6 +333,7 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@roles.declare(count=Role.COUNT, window=Role.EXACT)
 class GrokfastMAState(NamedTuple):
     """State of :func:`grokfast_ma`: the step count and the last ``window`` gradients."""
 

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from varjax import roles
 from varjax._base import ScalarOrSchedule, check_interval, resolve, signal_to_noise
 from varjax._samples import Moments, half_means, is_moments, sample_moments
+from varjax.roles import Role
 
 __all__ = [
     "AGVMState",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 
+@roles.declare(norms=Role.EXACT, count=Role.COUNT)
 class AutoClipState(NamedTuple):
     """State of :func:`autoclip`: the last ``window`` gradient norms (a ring buffer,
     filled from index 0) and how many norms have been recorded."""
@@ -196,6 +199,7 @@ def scale_by_gsnr(
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
+@roles.declare(count=Role.COUNT, factors=Role.EXACT, inner_state=Role.NESTED)
 class AGVMState(NamedTuple):
     """State of :func:`agvm`: the step count, the smoothed rate factor of each
     group (a dict from label to a scalar; the anchor's stays 1) and the inner
@@ -340,6 +344,7 @@ def agvm(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@roles.declare(count=Role.COUNT, estimate=Role.EXACT)
 class QuantileClippingState(NamedTuple):
     """State of :func:`quantile_clipping`: the step count and the running estimate
     of the median (or quantile) of the gradients, float32 at least."""

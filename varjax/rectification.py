@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from varjax import roles
 from varjax._base import (
     AdaptiveState,
     PyTree,
@@ -42,6 +43,7 @@ from varjax._base import (
     scalar_float,
     zero_count,
 )
+from varjax.roles import Role
 
 __all__ = [
     "CautiousState",
@@ -199,6 +201,7 @@ def scale_by_radam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@roles.declare(count=Role.COUNT, inner_state=Role.NESTED, mu=Role.SIGNED)
 class RectifyState(NamedTuple):
     """State of :func:`rectify`: step count, inner state, fallback momentum (or None)."""
 
@@ -295,6 +298,7 @@ def rectify(
 # --------------------------------------------------------------------------
 
 
+@roles.declare(count=Role.COUNT, mu=Role.SIGNED, nu=Role.NON_NEGATIVE)
 class ScaleByAdoptState(NamedTuple):
     """State of :func:`scale_by_adopt`."""
 
@@ -430,6 +434,7 @@ def scale_by_grams(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@roles.declare(adaptive=Role.NESTED, prev_grad=Role.EXACT)
 class ScaleByDiffGradState(NamedTuple):
     """State of :func:`scale_by_diffgrad`: Adam's moments and the previous gradient."""
 
@@ -643,6 +648,7 @@ def scale_by_adamp(
 # --------------------------------------------------------------------------
 
 
+@roles.declare(inner_state=Role.NESTED)
 class CautiousState(NamedTuple):
     """State of :func:`cautious`: the inner transform's state."""
 

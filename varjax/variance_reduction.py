@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from varjax import roles
 from varjax._base import (
     AdaptiveState,
     PyTree,
@@ -48,6 +49,7 @@ from varjax._base import (
     store_after,
     zero_count,
 )
+from varjax.roles import Role
 
 __all__ = [
     "IGTState",
@@ -93,6 +95,7 @@ def _previous_gradients(
 # --------------------------------------------------------------------------
 
 
+@roles.declare(count=Role.COUNT, previous_grads=Role.EXACT)
 class MarsCorrectionState(NamedTuple):
     """State of :func:`mars_correction`; ``previous_grads`` is ``None`` in the exact form."""
 
@@ -350,6 +353,13 @@ def mars_value_and_grad(
 # --------------------------------------------------------------------------
 
 
+@roles.declare(
+    count=Role.COUNT,
+    direction=Role.SIGNED,
+    previous_grads=Role.EXACT,
+    squared_norms=Role.EXACT,
+    step_size=Role.EXACT,
+)
 class StormState(NamedTuple):
     """State of :func:`scale_by_storm` and :func:`storm`.
 
@@ -493,6 +503,7 @@ def storm(
 # --------------------------------------------------------------------------
 
 
+@roles.declare(momentum=Role.SIGNED)
 class QHMState(NamedTuple):
     """State of :func:`scale_by_qhm`: the momentum buffer."""
 
@@ -535,6 +546,7 @@ def scale_by_qhm(b: float = 0.999, nu: float = 0.7) -> optax.GradientTransformat
 # --------------------------------------------------------------------------
 
 
+@roles.declare(count=Role.COUNT, true_params=Role.PARAMETERS, inner_state=Role.NESTED)
 class IGTState(NamedTuple):
     """State of :func:`implicit_gradient_transport`: the true parameters ``theta_t``."""
 
@@ -632,6 +644,7 @@ def igt_eval_params(state: optax.OptState) -> PyTree:
 # --------------------------------------------------------------------------
 
 
+@roles.declare(momenta=Role.SIGNED)
 class MultiMomentumState(NamedTuple):
     """State of :func:`multi_momentum`: one momentum per cluster, stacked on a leading axis."""
 

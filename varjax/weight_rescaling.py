@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from varjax import roles
 from varjax._base import PyTree, check_interval, check_same_structure, zero_count
+from varjax.roles import Role
 
 __all__ = [
     "TargetVarianceRescalingState",
@@ -91,6 +93,7 @@ def layer_index_rescaling(
 # --------------------------------------------------------------------------
 
 
+@roles.declare(count=Role.COUNT)
 class TargetVarianceRescalingState(NamedTuple):
     """State of :func:`target_variance_rescaling`: the number of updates made so far."""
 

@@ -18,6 +18,7 @@ Example:
 """
 
 from varjax.diagnostics import state_bytes
+from varjax.quantization import optax_roles
 from varjax.quantization.blockwise import (
     dequantize_blockwise,
     nearest_index,
@@ -29,20 +30,26 @@ from varjax.quantization.codes import default_maps, dynamic_map, linear_map
 from varjax.quantization.wrapper import (
     QuantizedArray,
     QuantizedState,
+    UndeclaredRoleWarning,
     quantize_state,
 )
+from varjax.roles import Role, register_roles
 
 __all__ = [
     "QuantizedArray",
     "QuantizedState",
+    "Role",
+    "UndeclaredRoleWarning",
     "default_maps",
     "dequantize_blockwise",
     "dynamic_map",
     "linear_map",
     "nearest_index",
+    "optax_roles",
     "pack_4bit",
     "quantize_blockwise",
     "quantize_state",
+    "register_roles",
     "state_bytes",
     "unpack_4bit",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from varjax import roles as roles_lib
 from varjax.quantization.blockwise import (
     dequantize_blockwise,
     pack_4bit,
@@ -19,17 +22,9 @@ from varjax.quantization.blockwise import (
     unpack_4bit,
 )
 from varjax.quantization.codes import default_maps
+from varjax.roles import Role
 
 PyTree = Any
-
-# Inner-state fields that hold non-negative second moments (Optax and varjax
-# names, plus PyTorch's): they get the unsigned map, everything else the signed one.
-UNSIGNED_FIELDS = frozenset({"nu", "nu_max", "v", "exp_avg_sq", "max_exp_avg_sq"})
-# Inner-state fields that hold a copy of the parameters (varjax IGT's true parameters,
-# Optax's schedule-free ``z``, DoG's and DoWG's ``init_params``, Prodigy's ``params0``,
-# Mechanic's ``x0``): they stay in full precision, since parameters rounded to 8 bits
-# are another model, and a distance to rounded starting parameters is noise.
-PARAMETER_FIELDS = frozenset({"true_params", "z", "init_params", "params0", "x0"})
 
 
 @functools.partial(
@@ -51,14 +46,17 @@ class QuantizedArray:
     shape: tuple[int, ...]
 
 
+@roles_lib.declare(inner_state=Role.EXACT, skipped=Role.COUNT, key=Role.EXACT, spec=Role.EXACT)
 class QuantizedState(NamedTuple):
-    """State of :func:`quantize_state`: the inner state with large float leaves quantized,
-    the number of steps skipped for a non-finite gradient or new state, and the PRNG key of
-    stochastic rounding (``None`` for nearest rounding)."""
+    """State of :func:`quantize_state`: the inner state with its moments quantized, the
+    number of steps skipped for a non-finite gradient or new state, the PRNG key of
+    stochastic rounding (``None`` for nearest rounding), and the structure and shapes
+    of the parameters (static data, no arrays) that gradients are checked against."""
 
     inner_state: PyTree
     skipped: jax.Array
     key: jax.Array | None = None
+    spec: Any = None
 
 
 def _is_value_holder(x: Any) -> bool:
@@ -71,28 +69,6 @@ def _is_value_holder(x: Any) -> bool:
     its ``codes`` and ``absmax``, and the two would no longer line up.
     """
     return hasattr(x, "get_value") and hasattr(x, "get_metadata")
-
-
-def _under_field(path: tuple, names: frozenset[str]) -> bool:
-    """Whether ``path`` passes through an attribute (a state NamedTuple's field) in
-    ``names``. Dict keys do not count, so a parameter called ``v`` is not a field."""
-    return any(isinstance(key, jax.tree_util.GetAttrKey) and key.name in names for key in path)
-
-
-def is_second_moment(path: tuple) -> bool:
-    """Whether a state leaf sits under a field named like a second moment.
-
-    Only attribute names count (the fields of Optax's and varjax's state
-    NamedTuples), not dict keys, so a parameter called ``v`` is not mistaken
-    for a second moment.
-    """
-    return _under_field(path, UNSIGNED_FIELDS)
-
-
-def holds_parameters(path: tuple) -> bool:
-    """Whether a state leaf sits under a field named like a copy of the parameters
-    (:data:`PARAMETER_FIELDS`); as :func:`is_second_moment`, only attribute names count."""
-    return _under_field(path, PARAMETER_FIELDS)
 
 
 def _check_map(name: str, code: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -121,41 +97,78 @@ class _Codec:
     bits: int
     block_size: int
     min_size: int
-    is_unsigned: Callable[[tuple], bool]
-    is_full_precision: Callable[[tuple], bool]
+    override: Callable[[tuple, Role | None], Role | None]
     signed_map: tuple[float, ...]
     unsigned_map: tuple[float, ...]
 
     def code(self, signed: bool) -> np.ndarray:
         return np.asarray(self.signed_map if signed else self.unsigned_map, np.float32)
 
-    def should_quantize(self, path: tuple, x: Any) -> bool:
+    def fates(self, tree: PyTree) -> list[tuple[tuple, Any, Role | None, bool | None]]:
+        """Each leaf of ``tree`` (NNX ``Variable`` objects count as leaves) with its path,
+        its role after the override, and its fate: ``True`` for the signed map,
+        ``False`` for the unsigned map, ``None`` to keep it as it is. Only float leaves
+        of at least ``min_size`` elements are quantized."""
+        out = []
+        for path, leaf, declared in roles_lib.leaf_roles(tree, is_leaf=_is_value_holder):
+            role = self.override(path, declared)
+            fate = None
+            if self.is_large_float(leaf):
+                fate = {Role.SIGNED: True, Role.NON_NEGATIVE: False}.get(role)
+            out.append((path, leaf, role, fate))
+        return out
+
+    def is_large_float(self, leaf: Any) -> bool:
+        value = leaf.get_value() if _is_value_holder(leaf) else leaf
         return (
-            not self.is_full_precision(path)
-            and isinstance(x, jax.Array | np.ndarray)
-            and jnp.issubdtype(x.dtype, jnp.floating)
-            and x.size >= max(self.min_size, 1)
+            isinstance(value, jax.Array | np.ndarray)
+            and jnp.issubdtype(value.dtype, jnp.floating)
+            and value.size >= max(self.min_size, 1)
+        )
+
+
+class UndeclaredRoleWarning(UserWarning):
+    """A large float leaf of :func:`quantize_state`'s inner state has no declared role,
+    so it is kept in full precision."""
+
+
+def _warn_undeclared(codec: _Codec, tree: PyTree, fates: list) -> None:
+    """Warn about the large float leaves kept in full precision for want of a role."""
+    undeclared = [
+        f"{roles_lib.undeclared_owner(tree, path)} at {jax.tree_util.keystr(path)}"
+        for path, leaf, role, _ in fates
+        if role is None and codec.is_large_float(leaf)
+    ]
+    if undeclared:
+        warnings.warn(
+            "quantize_state keeps these state leaves in full precision, since their roles "
+            f"are not declared: {'; '.join(undeclared)}. Declare the roles of a state type "
+            "with varjax.roles.register_roles (or the @varjax.roles.declare decorator), or "
+            "choose per leaf with quantize_state(..., roles=...).",
+            UndeclaredRoleWarning,
+            stacklevel=2,
         )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _compress(codec: _Codec, tree: PyTree, key: jax.Array | None) -> PyTree:
-    """Quantize the float leaves of ``tree`` with at least ``min_size`` elements."""
-    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_value_holder)
+    """Quantize the leaves of ``tree`` whose role is a moment, with the map of its sign."""
+    fates = codec.fates(tree)
+    _warn_undeclared(codec, tree, fates)
     out = []
-    for i, (path, x) in enumerate(paths_and_leaves):
-        value = x.get_value() if _is_value_holder(x) else x  # a Flax NNX Variable holds it
-        if not codec.should_quantize(path, value):
+    for i, (_, x, _, signed) in enumerate(fates):
+        if signed is None:
             out.append(x)
             continue
-        signed = not codec.is_unsigned(path)
+        value = x.get_value() if _is_value_holder(x) else x  # a Flax NNX Variable holds it
         leaf_key = None if key is None else jax.random.fold_in(key, i)
-        code = codec.code(signed)
-        codes, absmax = quantize_blockwise(value, code, codec.block_size, key=leaf_key)
+        codes, absmax = quantize_blockwise(
+            value, codec.code(signed), codec.block_size, key=leaf_key
+        )
         if codec.bits == 4:
             codes = pack_4bit(codes)
         out.append(QuantizedArray(codes, absmax, signed, codec.bits, tuple(value.shape)))
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(jax.tree.structure(tree, is_leaf=_is_value_holder), out)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -212,14 +225,70 @@ def all_finite(tree: PyTree) -> jax.Array:
     return functools.reduce(jnp.logical_and, map(finite, jax.tree.leaves(tree)), jnp.asarray(True))
 
 
+def _static_int(name: str, value: Any, low: int) -> int:
+    """``value`` as a Python int of at least ``low``, or a ``ValueError`` naming ``name``.
+
+    It sets array shapes, so it must be known when the step is traced: inside
+    ``optax.inject_hyperparams`` a number passed for it becomes a traced array
+    unless ``static_args`` names it.
+    """
+    if isinstance(value, bool | float) or (
+        isinstance(value, np.ndarray | jax.Array) and not jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except jax.errors.ConcretizationTypeError:
+        raise ValueError(
+            f"{name} sets array shapes and must be a Python int, got a traced value; under "
+            f"optax.inject_hyperparams pass static_args=({name!r},)"
+        ) from None
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if number < low:
+        raise ValueError(f"{name} must be >= {low}, got {number}")
+    return number
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _TreeSpec:
+    """The structure and leaf shapes of the parameters, kept in the state as static data
+    (no leaves), so a gradient tree that does not match is named in a ``ValueError``."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, tree: PyTree) -> _TreeSpec:
+        leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_value_holder)
+        shapes = (jnp.shape(x.get_value() if _is_value_holder(x) else x) for x in leaves)
+        return cls(treedef, tuple(tuple(shape) for shape in shapes))
+
+    def check(self, updates: PyTree) -> None:
+        got = _TreeSpec.of(updates)
+        if got.treedef != self.treedef:
+            raise ValueError(
+                "the gradient tree does not match the optimizer state: gradients have "
+                f"structure {got.treedef}, the state was built for {self.treedef}"
+            )
+        paths = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_value_holder)[0]
+        for (path, _), shape, want in zip(paths, got.shapes, self.shapes, strict=True):
+            if shape != want:
+                raise ValueError(
+                    "the gradient tree does not match the optimizer state: the leaf at "
+                    f"{jax.tree_util.keystr(path)} has shape {shape}, the state was built "
+                    f"for shape {want}"
+                )
+
+
 def quantize_state(
     inner: optax.GradientTransformation,
     *,
     bits: int = 8,
     block_size: int | None = None,
-    min_size: int = 4096,
-    unsigned: Callable[[tuple], bool] | None = None,
-    full_precision: Callable[[tuple], bool] | None = None,
+    min_size: int | None = None,
+    roles: roles_lib.RoleOverride = None,
     signed_map: np.ndarray | None = None,
     unsigned_map: np.ndarray | None = None,
     stochastic_rounding: bool = False,
@@ -229,36 +298,25 @@ def quantize_state(
     (Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization"; Li et
     al., 2023, "Memory Efficient Optimizers with 4-bit States").
 
-    Every floating-point leaf of the inner state with at least ``min_size``
-    elements is kept as codes of a quantization map plus one float32 absmax per
-    ``block_size`` elements of its last axis. Smaller leaves, step counts and
-    other non-float leaves stay as they are. Each step dequantizes, runs
-    ``inner.update`` and quantizes the new state.
+    Each leaf of the inner state is treated by its declared role
+    (:mod:`varjax.roles`): signed moments (:attr:`~varjax.roles.Role.SIGNED`) are
+    kept as codes of the signed map, non-negative ones
+    (:attr:`~varjax.roles.Role.NON_NEGATIVE`) as codes of the unsigned map, each
+    with one float32 absmax per ``block_size`` elements of its last axis. Copies of
+    the parameters, counts, histories, keys and everything else stay as they are,
+    and so do leaves under ``min_size`` elements. varjax's state types declare
+    their roles where they are defined, and Optax's are declared in one table
+    (:mod:`varjax.quantization.optax_roles`: Adam, Lion, Adafactor, RMSProp,
+    Adagrad, SGD momentum, AdaBelief, Yogi, LAMB, LARS, NovoGrad, SM3, Adan, and
+    contrib's AdEMAMix, COCOB, D-Adaptation, Prodigy, schedule-free, Muon, Sophia,
+    ...); ``optax.chain``, ``masked``, ``partition``, ``MultiSteps``,
+    ``inject_hyperparams`` and ``apply_if_finite`` states are walked through. A
+    large float leaf of a state type with no declared roles is kept in full
+    precision, with an :class:`UndeclaredRoleWarning` that names it: keeping it
+    is never wrong, only less compact, while a guess could quantize a copy of the
+    parameters or give a non-negative moment the signed map.
 
-    Leaves under a state field named like a second moment (``nu``, ``nu_max``,
-    ``v``, ``exp_avg_sq``) get the unsigned map and the rest the signed one;
-    pass ``unsigned(key_path) -> bool`` to choose otherwise. An unsigned map
-    clips negative values to zero, so only non-negative moments may use it.
-    Leaves under a field that holds a copy of the parameters (``true_params``,
-    ``z``, ``init_params``, ``params0``, ``x0``: IGT, schedule-free, DoG,
-    Prodigy, Mechanic) stay in full precision; pass
-    ``full_precision(key_path) -> bool`` to choose which leaves stay unquantized
-    instead.
-
-    - ``bits=8`` (default ``block_size=256``, about 1.02 bytes per element):
-      bitsandbytes' dynamic maps and defaults, codes equal to its
-      ``quantize_blockwise``.
-    - ``bits=4`` (default ``block_size=128``, about 0.53 bytes per element, two
-      codes per byte): the maps of Li et al. (:func:`default_maps`): a dynamic
-      map for first moments and a linear map without zero for second moments.
-      Their rank-1 normalisation of second moments is not implemented: blocks
-      of 128 are used for both.
-
-    ``signed_map`` and ``unsigned_map`` replace the maps (sorted, ``2**bits``
-    values, largest 1). Rounding is to the nearest entry; with
-    ``stochastic_rounding=True`` it is unbiased stochastic rounding between the
-    two entries around each value, driven by a PRNG key (from ``seed``) kept in
-    the state, so a restored checkpoint continues identically.
+    Each step dequantizes, runs ``inner.update`` and quantizes the new state.
 
     A NaN or Inf would poison a block's absmax and, with it, the whole block of
     state. A step is therefore skipped when the gradient has one, and also when
@@ -272,22 +330,63 @@ def quantize_state(
     wrapper still acts, so wrap the whole chain, as the ready optimizers
     (:func:`varjax.adamw_8bit` and the others) do, to skip the whole step.
 
+    Args:
+      inner: the transform whose state is stored quantized; its updates are
+        returned unchanged in meaning (cast to the gradients' dtypes).
+      bits: 8 (bitsandbytes' dynamic maps, codes equal to its
+        ``quantize_blockwise``, about 1.02 bytes per element) or 4 (the maps of
+        Li et al., :func:`default_maps`: a dynamic map for signed moments and a
+        linear map without zero for non-negative ones, two codes per byte, about
+        0.53 bytes per element; their rank-1 normalisation of second moments is
+        not implemented).
+      block_size: elements per absmax along the last axis, an int >= 1; ``None``
+        gives 256 at 8 bits and 128 at 4 bits.
+      min_size: leaves with fewer elements stay in full precision; ``None``
+        gives 4096.
+      roles: per-leaf override of the declared roles: a mapping from regular
+        expressions to :class:`~varjax.roles.Role` values, the first pattern
+        that ``re.search`` finds in ``jax.tree_util.keystr(path)`` of a state
+        leaf deciding (``{"embed": Role.EXACT}`` keeps every state leaf of a
+        parameter whose path names ``embed`` in float32, as bitsandbytes advises
+        for embeddings), or a function ``(key_path, declared_role) -> role``
+        (``declared_role`` is ``None`` where none is declared; return it to keep
+        it). A mapping also works inside ``optax.inject_hyperparams``, which
+        takes every function argument for a schedule.
+      signed_map, unsigned_map: replace the maps (sorted, ``2**bits`` values,
+        largest 1; the unsigned one in [0, 1]).
+      stochastic_rounding: round stochastically between the two entries around
+        each value (unbiased), with a PRNG key kept in the state so that a
+        restored checkpoint continues identically; nearest rounding otherwise.
+      seed: the seed of that key.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`QuantizedState`.
+
+    Raises:
+      ValueError: for bad arguments, naming them, and at ``update`` for a
+        gradient tree whose structure or leaf shapes differ from the parameters
+        given to ``init`` (naming the leaf).
+
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from varjax.quantization import quantize_state
-      >>> tx = optax.chain(quantize_state(optax.scale_by_adam()), optax.scale(-1e-3))
-      >>> params = {"w": jnp.ones((64, 128))}
+      >>> from varjax import quantize_state
+      >>> from varjax.roles import Role
+      >>> tx = quantize_state(optax.adafactor(1e-3, min_dim_size_to_factor=32), min_size=64)
+      >>> params = {"embed": jnp.ones((1000, 64)), "w": jnp.ones((64, 128))}
       >>> state = tx.init(params)
-      >>> state[0].inner_state.mu["w"].codes.dtype
-      dtype('uint8')
-      >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, state, params)
+      >>> factored = state.inner_state[1]  # adafactor is a chain; its second block
+      >>> factored.v_row["w"].codes.dtype, factored.v_row["w"].signed
+      (dtype('uint8'), False)
+      >>> updates, state = tx.update(params, state, params)
+      >>> keep_embeddings = quantize_state(optax.adam(1e-3), roles={"embed": Role.EXACT})
+      >>> keep_embeddings.init(params).inner_state[0].mu["embed"].dtype
+      dtype('float32')
     """
     default_signed, default_unsigned = default_maps(bits)  # checks bits
     block_size = (256 if bits == 8 else 128) if block_size is None else block_size
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if min_size < 0:
-        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    block_size = _static_int("block_size", block_size, 1)
+    min_size = _static_int("min_size", 4096 if min_size is None else min_size, 0)
     signed_code = _check_map(
         "signed_map", default_signed if signed_map is None else signed_map, bits, True
     )
@@ -298,8 +397,7 @@ def quantize_state(
         bits,
         block_size,
         min_size,
-        unsigned or is_second_moment,
-        full_precision or holds_parameters,
+        roles_lib.resolve_override(roles),
         tuple(float(v) for v in signed_code),
         tuple(float(v) for v in unsigned_code),
     )
@@ -310,11 +408,14 @@ def quantize_state(
     def init_fn(params: PyTree) -> QuantizedState:
         key = jax.random.key_data(jax.random.key(seed)) if stochastic_rounding else None
         # the initial state is rounded to nearest: it is zeros for the usual moments
-        return QuantizedState(compress(inner.init(params), None), jnp.zeros([], jnp.int32), key)
+        inner_state = compress(inner.init(params), None)
+        return QuantizedState(inner_state, jnp.zeros([], jnp.int32), key, _TreeSpec.of(params))
 
     def update_fn(
         updates: PyTree, state: QuantizedState, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, QuantizedState]:
+        if state.spec is not None:
+            state.spec.check(updates)
         if state.key is None:
             key, rounding_key = None, None
         else:
@@ -340,6 +441,6 @@ def quantize_state(
                 lambda new, old: jnp.where(finite, new, old), stepped, skip(state.inner_state)
             )
         skipped = state.skipped + (1 - finite.astype(jnp.int32))
-        return out, QuantizedState(inner_state, skipped, key)
+        return out, QuantizedState(inner_state, skipped, key, state.spec)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
