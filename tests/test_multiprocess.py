@@ -107,12 +107,14 @@ def results(tmp_path_factory) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     runs = {"one": (4, [str(tmp / "one")])}
     runs |= {f"p{i}": (2, [str(tmp / "two"), *two, str(i)]) for i in range(2)}
     run_workers(runs, tmp)
-    files = {"one": tmp / "one" / "{}.process0.npz"}
-    files |= {f"p{i}": tmp / "two" / f"{{}}.process{i}.npz" for i in range(2)}
-    return {
-        name: {run: dict(np.load(str(f).format(name))) for run, f in files.items()}
-        for name in OPTIMIZERS
-    }
+    folders = {"one": (tmp / "one", 0), "p0": (tmp / "two", 0), "p1": (tmp / "two", 1)}
+    results = {}
+    for name in OPTIMIZERS:
+        results[name] = {}
+        for run, (folder, i) in folders.items():
+            with np.load(folder / f"{name}.process{i}.npz") as record:
+                results[name][run] = dict(record)
+    return results
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -131,7 +133,7 @@ def test_two_processes_equal_one_bit_for_bit(results, name) -> None:
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_corrupted_steps_are_skipped_whole(results, name) -> None:
     record = results[name]["p0"]
-    expected_finite = np.arange(6) != NAN_STEP
+    expected_finite = np.arange(len(record["skipped"])) != NAN_STEP
     np.testing.assert_array_equal(record["finite_gradient"], expected_finite)
     skipped = record["skipped"]
     assert skipped[NAN_STEP - 1] == 0 and skipped[NAN_STEP] == 1, skipped
