@@ -255,7 +255,7 @@ def ademamix(
     if alpha_warmup_steps is not None:
         alpha = multi_ema.ademamix_alpha_schedule(alpha, alpha_warmup_steps)
     if b3_warmup_steps is not None:
-        b3 = multi_ema.ademamix_beta3_schedule(b1, b3, b3_warmup_steps)
+        b3 = multi_ema.ademamix_beta3_schedule(b3, b3_warmup_steps, b1=b1)
     block = multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype=mu_dtype)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
 

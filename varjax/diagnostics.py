@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from varjax._base import check_interval, one_minus_power, signal_to_noise
+from varjax._base import check_interval, check_same_structure, one_minus_power, signal_to_noise
 from varjax._samples import Moments, is_moments, sample_moments
 
 __all__ = [
@@ -138,6 +138,14 @@ def gradient_noise_scale(
         del params, extra_args
         if small_batch_grads is None:
             raise ValueError("gradient_noise_scale needs the extra argument small_batch_grads")
+        try:
+            check_same_structure(small_batch_grads, updates, "updates")
+        except ValueError as error:
+            raise ValueError(
+                "gradient_noise_scale: small_batch_grads must be one gradient averaged over "
+                "small_batch_size examples, with the tree structure and shapes of the updates "
+                f"(not stacked micro-batch gradients); {error}"
+            ) from None
         large_sq = jnp.square(optax.global_norm(updates)).astype(jnp.float32)
         small_sq = jnp.square(optax.global_norm(small_batch_grads)).astype(jnp.float32)
         g2, trace = noise_scale_estimates(small_sq, large_sq, small, large)

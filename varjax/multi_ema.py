@@ -257,6 +257,23 @@ def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
 
     ``t`` is the 1-based step, as in the paper's code; the returned schedule
     takes Optax's 0-based count and evaluates the formula at ``count + 1``.
+    Arguments come in the order of :func:`ademamix_beta3_schedule`: the final
+    value, then the number of warm-up steps.
+
+    Args:
+      alpha: the final weight of the slow EMA, reached after ``warmup_steps``;
+        >= 0 (the paper uses 4 to 10).
+      warmup_steps: ``T``, the number of steps of the warm-up, >= 1 (the paper
+        uses the whole run).
+
+    Returns:
+      An ``optax.Schedule`` to pass as ``alpha`` to :func:`scale_by_ademamix`.
+
+    Example:
+      >>> import varjax
+      >>> alpha = varjax.ademamix_alpha_schedule(8.0, warmup_steps=100)
+      >>> [round(float(alpha(count)), 4) for count in (0, 49, 99, 500)]  # t = count + 1
+      [0.08, 4.0, 8.0, 8.0]
     """
     check_interval("alpha", alpha, 0.0)
     check_interval("warmup_steps", warmup_steps, 1.0)
@@ -268,17 +285,43 @@ def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
     return schedule
 
 
-def ademamix_beta3_schedule(b1: float, b3: float, warmup_steps: int) -> optax.Schedule:
+def ademamix_beta3_schedule(b3: float, warmup_steps: int, *, b1: float = 0.9) -> optax.Schedule:
     """The paper's warm-up of AdEMAMix's ``b3``, linear in the EMA's half-life.
 
     ``b3(t) = min(exp(ln(b1) ln(b3) / ((1 - t/T) ln(b3) + (t/T) ln(b1))), b3)``:
     the half-life ``ln(1/2) / ln(b)`` moves linearly from that of ``b1`` to that
     of ``b3`` over ``T`` steps. ``t`` is the 1-based step, as for
-    :func:`ademamix_alpha_schedule`.
+    :func:`ademamix_alpha_schedule`, whose argument order this shares (the
+    final value, then the warm-up steps; the paper's code also puts the final
+    value first). The starting decay ``b1`` is keyword-only: it must be below
+    ``b3``, and a call with the two swapped raises ``ValueError``.
+
+    Args:
+      b3: the final decay of the slow EMA, reached after ``warmup_steps``; in
+        (b1, 1) (the paper uses 0.9999).
+      warmup_steps: ``T``, the number of steps of the warm-up, >= 1 (the paper
+        uses the whole run).
+      b1: the decay the warm-up starts from, in (0, b3); AdEMAMix's fast-EMA
+        decay (default 0.9, as :func:`scale_by_ademamix`).
+
+    Returns:
+      An ``optax.Schedule`` to pass as ``b3`` to :func:`scale_by_ademamix`.
+
+    Example:
+      >>> import varjax
+      >>> b3 = varjax.ademamix_beta3_schedule(0.9999, warmup_steps=100, b1=0.9)
+      >>> [round(float(b3(count)), 4) for count in (0, 9, 49, 99)]  # half-life 6.6 to 6931 steps
+      [0.9909, 0.999, 0.9998, 0.9999]
     """
     check_interval("b1", b1, 0.0, 1.0, low_closed=False, high_closed=False)
     check_interval("b3", b3, 0.0, 1.0, low_closed=False, high_closed=False)
     check_interval("warmup_steps", warmup_steps, 1.0)
+    if not b1 < b3:
+        raise ValueError(
+            f"ademamix_beta3_schedule warms b3 up from b1 to b3 and needs b1 < b3, got "
+            f"b1={b1!r} and b3={b3!r} (are they swapped? The call is "
+            "ademamix_beta3_schedule(b3, warmup_steps, b1=...))"
+        )
     log_b1, log_b3 = math.log(b1), math.log(b3)
 
     def schedule(count: jax.Array) -> jax.Array:
