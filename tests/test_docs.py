@@ -60,6 +60,7 @@ def _public_objects(module, prefix: str) -> list[tuple[str, object]]:
 def test_every_family_has_a_page(site):
     for page in [
         "index.html",
+        "flax_nnx/index.html",
         "variance_reduction/index.html",
         "rectification/index.html",
         "multi_ema/index.html",
