@@ -32,6 +32,13 @@ def state_bytes(state: Any) -> int:
     """Bytes held by the arrays of an optimizer state (quantized or not); works on
     the shapes from ``jax.eval_shape`` too, without allocating the state.
 
+    Args:
+      state: any pytree; its leaves with a ``dtype`` (arrays,
+        ``jax.ShapeDtypeStruct``) are counted.
+
+    Returns:
+      The number of bytes, an ``int``.
+
     >>> import jax.numpy as jnp, optax
     >>> state_bytes(optax.adam(1e-3).init({"w": jnp.zeros(1000)}))  # mu, nu and a count
     8004
@@ -96,6 +103,17 @@ def gradient_noise_scale(
     recommends, since the ratio of two noisy estimates is biased. The noise
     scale is ``inf`` while the ``|G|^2`` estimate is not positive (the small
     per-step estimates can be negative).
+
+    Args:
+      small_batch_size: the examples behind ``small_batch_grads``, an integer >= 1.
+      large_batch_size: the examples behind the updates, an integer above
+        ``small_batch_size``.
+      decay: decay of the EMAs of the two estimates, in [0, 1) (0: no smoothing).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`NoiseScaleState`; ``update`` needs ``small_batch_grads``, one
+      gradient with the structure and shapes of the updates.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -209,6 +227,18 @@ def gradient_snr_monitor(
     the ratio. A leaf with zero variance has ``gsnr = inf``, or 0 if its mean
     gradient is zero too. The GSNR is that of the samples, e.g. micro-batch
     gradients: ``B`` times the per-example GSNR for micro-batches of ``B``.
+
+    Args:
+      axis_name: the named axis of ``shard_map`` or ``pmap`` whose devices
+        each hold one gradient sample (the updates), with >= 2 devices;
+        ``None`` (default): the samples come as ``microbatch_grads``.
+      decay: decay of the bias-corrected EMAs of signal and variance, in
+        [0, 1) (0, default: the current step's values).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`GradientSNRState`; without ``axis_name``, ``update`` needs
+      ``microbatch_grads`` of shape ``(n, *gradient.shape)`` per leaf.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, varjax

@@ -145,6 +145,16 @@ def scale_by_second_moment(
     before ``optax.scale_by_rms`` would measure the smoothed signal instead).
     ``scale_by_second_moment(multi_ema((b1,), (1.0,), (True,)))`` is Adam.
 
+    Args:
+      numerator: the transform whose output is divided, e.g. :func:`multi_ema`;
+        extra arguments of ``update`` are forwarded to it.
+      b2: decay of the second-moment EMA of the raw gradient, in [0, 1).
+      eps: added to ``sqrt(nu_hat + eps_root)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> fast_and_slow = varjax.multi_ema((0.9, 0.999), (1.0, 5.0), (True, False))
@@ -204,8 +214,23 @@ def scale_by_ademamix(
     ``alpha`` and ``b3`` may be schedules: the paper warms both up over the
     whole run for stability, see :func:`ademamix_alpha_schedule` and
     :func:`ademamix_beta3_schedule` (:func:`varjax.ademamix` sets them up from
-    ``warmup_steps``). Paper defaults: ``b3=0.9999``, ``alpha`` in [4, 10]
-    (5 for its language models, 8 for vision), warm-up over the whole run.
+    ``alpha_warmup_steps`` and ``b3_warmup_steps``). Paper defaults:
+    ``b3=0.9999``, ``alpha`` in [4, 10] (5 for its language models, 8 for
+    vision), warm-up over the whole run.
+
+    Args:
+      b1: decay of the fast, bias-corrected EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      b3: decay of the slow EMA, in [0, 1), or a schedule
+        (:func:`ademamix_beta3_schedule`); the paper uses 0.9999.
+      alpha: weight of the slow EMA, >= 0, or a schedule
+        (:func:`ademamix_alpha_schedule`); the paper uses 4 to 10.
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+      mu_dtype: dtype of the two EMAs; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -240,6 +265,18 @@ def scale_by_simplified_ademamix(
     ``(lr (1 - b1), alpha / (1 - b1))``), and it divides by the second moment's
     bias correction twice, making its early steps larger by ``1 / (1 - b2^t)``
     (20x at the first step with ``b2=0.95``).
+
+    Args:
+      b1: decay of the momentum that sums gradients, in [0, 1) (0.99 as the
+        paper and Optax).
+      b2: decay of the second-moment EMA, in [0, 1).
+      alpha: weight of the current gradient added to the momentum, >= 0, or a
+        schedule (0: the momentum alone).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, varjax
@@ -347,6 +384,14 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
     A gradient filter: chain it before any optimizer. Defaults are the paper's
     (``alpha=0.98, lamb=2.0``), also pytorch-optimizer's ``gradfilter_ema``.
 
+    Args:
+      alpha: decay of the gradient's EMA, in [0, 1) (0.98 as the paper).
+      lamb: the factor on the EMA added to the gradient (2 as the paper; 0: no
+        filter).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.grokfast_ema(), optax.adamw(1e-3, weight_decay=1.0))
@@ -389,6 +434,17 @@ def grokfast_ma(
     default) nothing is added until the window is full; ``reduce="sum"`` adds
     the sum instead of the mean, as pytorch-optimizer's ``filter_type="sum"``.
     Defaults are the paper's (``window=100, lamb=5.0``).
+
+    Args:
+      window: the number of past gradients averaged, an integer >= 1 (each
+        costs one copy of the parameters in the state).
+      lamb: the factor on the window's mean (or sum) added to the gradient (5
+        as the paper).
+      warmup: add nothing until the window is full (the paper's default).
+      reduce: ``"mean"`` (default, the paper) or ``"sum"`` of the window.
+
+    Returns:
+      An ``optax.GradientTransformation``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
