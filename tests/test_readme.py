@@ -100,6 +100,13 @@ def nnx_page() -> dict:
     return namespace
 
 
+def test_readme_nnx_section_links_the_page() -> None:
+    text = README.read_text()
+    section = text[text.index("## Use it in a Flax NNX training step") : text.index("## Methods")]
+    assert "(docs/flax_nnx.md)" in section
+    assert "flax_nnx.md" in (ROOT / "mkdocs.yml").read_text()
+
+
 @pytest.mark.xdist_group("flax_nnx")
 def test_flax_nnx_page_runs(nnx_page) -> None:
     assert len(python_blocks(NNX_PAGE)) >= 8
