@@ -646,7 +646,8 @@ def mars_lion(
 ) -> optax.GradientTransformationExtraArgs:
     """MARS-Lion (Yuan et al., 2024): ``sign`` of the EMA of the corrected gradient.
 
-    ``b2`` and ``eps`` only matter for leaves that take the AdamW step. The
+    ``b2`` is unused (the sign step has no second moment, and the other leaves'
+    AdamW takes ``b2_1d``); ``eps`` only matters for those leaves. The
     official hyper-parameters were tuned for MARS-AdamW: tune the learning
     rate (sign steps are larger; Lion's rule of thumb is 3-10x smaller).
     {args}{params}
