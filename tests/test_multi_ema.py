@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -41,7 +42,7 @@ def test_ademamix_matches_float64_reference(warmup) -> None:
         block = varjax.scale_by_ademamix(alpha=8.0)
     else:
         block = varjax.scale_by_ademamix(
-            b3=varjax.ademamix_beta3_schedule(0.9, 0.9999, warmup),
+            b3=varjax.ademamix_beta3_schedule(0.9999, warmup, b1=0.9),
             alpha=varjax.ademamix_alpha_schedule(8.0, warmup),
         )
     expected = run_reference(ref.AdEMAMix(alpha=8.0, warmup=warmup), grads, params)
@@ -53,7 +54,7 @@ def test_ademamix_matches_float64_reference(warmup) -> None:
 
 def test_schedulers_match_the_paper() -> None:
     alpha = varjax.ademamix_alpha_schedule(5.0, 100)
-    b3 = varjax.ademamix_beta3_schedule(0.9, 0.9999, 100)
+    b3 = varjax.ademamix_beta3_schedule(0.9999, 100, b1=0.9)
     for count in (0, 1, 10, 50, 99, 100, 1000):
         t = count + 1  # Optax counts from 0, the paper's t from 1
         assert float(alpha(count)) == pytest.approx(ref.ademamix_alpha(t, 5.0, 100), rel=1e-6)
@@ -64,6 +65,33 @@ def test_schedulers_match_the_paper() -> None:
     for t, h in zip((25, 50, 75), half_life, strict=True):
         assert h == pytest.approx((1 - t / 100) * h1 + t / 100 * h3, rel=1e-3)
     assert float(b3(99)) == pytest.approx(0.9999, rel=1e-7)
+
+
+def test_beta3_schedule_rejects_swapped_decays() -> None:
+    """b1 and b3 swapped gave a constant 0.9 before; the start must be below the end."""
+    with pytest.raises(ValueError, match=r"needs b1 < b3, got b1=0.9999 and b3=0.9"):
+        varjax.ademamix_beta3_schedule(0.9, 100, b1=0.9999)
+    with pytest.raises(ValueError, match="b1 < b3"):
+        varjax.ademamix_beta3_schedule(0.9, 100, b1=0.9)  # equal: no warm-up at all
+    with pytest.raises(ValueError, match="b1 < b3"):
+        varjax.ademamix(1e-3, b1=0.9, b3=0.8, b3_warmup_steps=100)
+    # the order of the old signature (b1, b3, warmup_steps) fails loudly, not silently
+    with pytest.raises(TypeError):
+        varjax.ademamix_beta3_schedule(0.9, 0.9999, 100)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        varjax.ademamix_beta3_schedule(0.9, 0.9999)
+    # keywords of the old signature still work, and both schedules share the order
+    old = varjax.ademamix_beta3_schedule(b1=0.9, b3=0.9999, warmup_steps=100)
+    new = varjax.ademamix_beta3_schedule(0.9999, 100)  # b1 defaults to 0.9
+    assert float(old(10)) == float(new(10)) < 0.9999
+    assert list(inspect.signature(varjax.ademamix_alpha_schedule).parameters)[:2] == [
+        "alpha",
+        "warmup_steps",
+    ]
+    assert list(inspect.signature(varjax.ademamix_beta3_schedule).parameters)[:2] == [
+        "b3",
+        "warmup_steps",
+    ]
 
 
 def test_general_multi_ema_matches_reference() -> None:

@@ -416,3 +416,51 @@ def test_quantile_clipping_first_step_is_clipping_and_non_finite_is_skipped() ->
 def test_quantile_clipping_bad_arguments(kwargs, arg) -> None:
     with pytest.raises(ValueError, match=arg):
         varjax.quantile_clipping(**kwargs)
+
+
+def _microbatch_readers() -> dict:
+    labels = {"b": "head", "w": "backbone"}
+    return {
+        "gradient_snr_monitor": varjax.gradient_snr_monitor(),
+        "scale_by_gsnr": varjax.scale_by_gsnr(),
+        "agvm": varjax.agvm(optax.sgd(0.1), labels, anchor="backbone"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_microbatch_readers()))
+def test_microbatch_grads_must_be_stacked(name) -> None:
+    """Unstacked gradients gave a monitor reading of {'b': 1.1e13, 'w': inf}: every
+    reader of micro-batch gradients checks the stacked shape at trace time."""
+    tx = _microbatch_readers()[name]
+    params = {"b": jnp.zeros(2), "w": jnp.zeros((3, 2))}
+    grads = {"b": jnp.ones(2), "w": jnp.ones((3, 2))}
+    update = jax.jit(lambda samples: tx.update(grads, tx.init(params), params, **samples))
+    stacked = jax.tree.map(lambda g: jnp.stack([g, 2.0 * g, 3.0 * g]), grads)
+    update({"microbatch_grads": stacked})  # (n, *shape) with one n = 3: accepted
+    bad = {
+        "unstacked": grads,  # leading axes 2 and 3 would pass a bare "n >= 2" test
+        "one sample": jax.tree.map(lambda s: s[:1], stacked),
+        "n differs": {"b": stacked["b"], "w": stacked["w"][:2]},
+        "mean taken": {"b": stacked["b"], "w": stacked["w"].mean(0)},
+        "wrong tree": {"w": stacked["w"]},
+    }
+    messages = {
+        "unstacked": r"\['b'\] has shape \(2,\) for a gradient of shape \(2,\)",
+        "one sample": ">= 2 samples",
+        "n differs": r"\['w'\] has shape \(2, 3, 2\), but an earlier leaf has n = 3",
+        "mean taken": r"\['w'\] has shape \(3, 2\) for a gradient of shape \(3, 2\)",
+        "wrong tree": "tree structure",
+    }
+    for case, samples in bad.items():
+        with pytest.raises(ValueError, match=f"^{name}: microbatch_grads must hold") as error:
+            update({"microbatch_grads": samples})
+        assert error.match(messages[case]), case
+
+
+def test_small_batch_grads_must_match_the_updates() -> None:
+    tx = varjax.gradient_noise_scale(8, 32)
+    params = {"b": jnp.zeros(2), "w": jnp.zeros((3, 2))}
+    stacked = jax.tree.map(lambda p: jnp.ones((4, *p.shape)), params)
+    with pytest.raises(ValueError, match=r"small_batch_grads must be one gradient.*\['b'\]"):
+        tx.update(params, tx.init(params), small_batch_grads=stacked)
+    tx.update(params, tx.init(params), small_batch_grads=params)

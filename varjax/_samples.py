@@ -39,18 +39,45 @@ def _device_count(axis_name: str) -> int:
     return n
 
 
-def _stacked(samples: PyTree, owner: str) -> PyTree:
+def check_stacked(samples: PyTree, updates: PyTree, owner: str) -> None:
+    """Check at trace time that ``samples`` stacks ``n >= 2`` gradients like ``updates``
+    on a new leading axis, with one ``n`` for every leaf.
+
+    Raises ``ValueError`` naming ``owner`` and the first leaf that does not fit,
+    e.g. when the micro-batch axis is missing, or when the gradients were
+    averaged over it before the call.
+    """
     if samples is None:
         raise ValueError(f"{owner} needs the extra argument microbatch_grads")
+    hint = (
+        f"{owner}: microbatch_grads must hold n >= 2 micro-batch gradients stacked on a new "
+        "leading axis, each leaf of shape (n, *gradient.shape) with one n for every leaf "
+        "(jax.vmap of the gradient function over the micro-batches gives them)"
+    )
+    got, want = jax.tree.structure(samples), jax.tree.structure(updates)
+    if got != want:
+        raise ValueError(f"{hint}; its tree structure {got} is not that of the gradients {want}")
+    n = None
+    for (path, sample), grad in zip(
+        jax.tree_util.tree_leaves_with_path(samples), jax.tree.leaves(updates), strict=True
+    ):
+        shape, grad_shape = tuple(jnp.shape(sample)), tuple(jnp.shape(grad))
+        where = f"the leaf at {jax.tree_util.keystr(path)} has shape {shape}"
+        if len(shape) != len(grad_shape) + 1 or shape[1:] != grad_shape:
+            raise ValueError(f"{hint}; {where} for a gradient of shape {grad_shape}")
+        if shape[0] < 2:
+            raise ValueError(f"{hint}; {where}: it needs >= 2 samples on the leading axis")
+        if n is not None and shape[0] != n:
+            raise ValueError(f"{hint}; {where}, but an earlier leaf has n = {n}")
+        n = shape[0]
 
-    def check(g: jax.Array) -> jax.Array:
-        if jnp.ndim(g) == 0 or jnp.shape(g)[0] < 2:
-            raise ValueError(
-                f"microbatch_grads needs >= 2 samples on a leading axis, got shape {jnp.shape(g)}"
-            )
-        return jnp.asarray(g).astype(jnp.promote_types(jnp.result_type(g), jnp.float32))
 
-    return jax.tree.map(check, samples)
+def _stacked(samples: PyTree, updates: PyTree, owner: str) -> PyTree:
+    check_stacked(samples, updates, owner)
+    return jax.tree.map(
+        lambda g: jnp.asarray(g).astype(jnp.promote_types(jnp.result_type(g), jnp.float32)),
+        samples,
+    )
 
 
 def sample_moments(
@@ -76,7 +103,7 @@ def sample_moments(
     def across_samples(g: jax.Array) -> Moments:
         return Moments(jnp.mean(g, axis=0), jnp.var(g, axis=0, ddof=1), g.shape[0])
 
-    return jax.tree.map(across_samples, _stacked(samples, owner))
+    return jax.tree.map(across_samples, _stacked(samples, updates, owner))
 
 
 def half_means(
@@ -88,7 +115,8 @@ def half_means(
     With ``axis_name`` the halves are the devices of index below ``n // 2`` and
     the others, as two all-reduce groups.
 
-    >>> first, second = half_means(None, {"w": jnp.arange(5.0)[:, None]}, None, "example")
+    >>> samples = {"w": jnp.arange(5.0)[:, None]}
+    >>> first, second = half_means({"w": jnp.zeros(1)}, samples, None, "example")
     >>> float(first["w"][0]), float(second["w"][0])  # samples 0-1 and 2-4
     (0.5, 3.0)
     """
@@ -106,7 +134,7 @@ def half_means(
             jax.tree.map(lambda g: half(g, True), updates),
             jax.tree.map(lambda g: half(g, False), updates),
         )
-    stacked = _stacked(samples, owner)
+    stacked = _stacked(samples, updates, owner)
     first = jax.tree.map(lambda g: jnp.mean(g[: g.shape[0] // 2], axis=0), stacked)
     second = jax.tree.map(lambda g: jnp.mean(g[g.shape[0] // 2 :], axis=0), stacked)
     return first, second

@@ -84,6 +84,26 @@ def radam(
     and equal to it when ``weight_decay=0`` (up to Optax's float32 error in ``r_t``,
     see :func:`varjax.scale_by_radam`).
 
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+      threshold: ``rho_t`` from which the rectified adaptive step is used, >= 4
+        (5 as Optax and the official code; 4 is the paper's rule).
+      nesterov: use Nesterov momentum (as Optax does).
+      amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0: none).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, varjax
       >>> params = {"w": jnp.ones(3)}
@@ -115,6 +135,32 @@ def adopt(
 
     Equal to :func:`optax.contrib.adopt` when ``weight_decay=0``, up to Optax's
     float32 rounding of ``1 - b2`` (about 1e-4 relative drift over 60 steps).
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: momentum decay, in [0, 1).
+      b2: second-moment decay, in [0, 1) (0.9999 as the paper).
+      eps: lower bound of ``sqrt(v)``, >= 0 (1e-6 as the paper).
+      clip_exponent: the normalised gradient is clipped to ``t ** clip_exponent``,
+        >= 0; ``None`` for no clip.
+      nesterov: use Nesterov momentum (as Optax does).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0: none).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.adopt(1e-3, weight_decay=1e-2)
+      >>> params = {"w": jnp.ones(3)}
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+      >>> [round(float(u), 9) for u in updates["w"]]  # ADOPT's first step is 0: decay only
+      [-1e-05, -1e-05, -1e-05]
     """
     block = rectification.scale_by_adopt(
         b1, b2, eps, clip_exponent=clip_exponent, nesterov=nesterov, mu_dtype=mu_dtype
@@ -133,7 +179,32 @@ def grams(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Grams (Cao et al., 2024); see :func:`varjax.scale_by_grams`."""
+    """Grams (Cao et al., 2024); see :func:`varjax.scale_by_grams`.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0: none).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.grams(1e-3)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> updates, state = tx.update({"w": jnp.asarray([1.0, -2.0])}, tx.init(params), params)
+      >>> updates["w"]  # Adam's first step, with the sign of the gradient
+      Array([-0.001,  0.001], dtype=float32)
+    """
     block = rectification.scale_by_grams(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
 
@@ -149,7 +220,29 @@ def diffgrad(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """diffGrad (Dubey et al., 2019); see :func:`varjax.scale_by_diffgrad`."""
+    """diffGrad (Dubey et al., 2019); see :func:`varjax.scale_by_diffgrad`.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0: none).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.diffgrad(1e-3)
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
     block = rectification.scale_by_diffgrad(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
 
@@ -166,7 +259,30 @@ def adam_atan2(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam-atan2 (Everett et al., 2024); see :func:`varjax.scale_by_adam_atan2`."""
+    """Adam-atan2 (Everett et al., 2024); see :func:`varjax.scale_by_adam_atan2`.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      a: the output scale, > 0; the step is at most ``a * pi / 2`` per entry.
+      b: the scale of ``sqrt(nu_hat)`` inside ``atan2``, > 0.
+      amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0: none).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.adam_atan2(1e-3)
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
     block = rectification.scale_by_adam_atan2(b1, b2, a, b, amsgrad=amsgrad, mu_dtype=mu_dtype)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
 
@@ -188,6 +304,28 @@ def adamp(
 
     The weight decay lives in the block (scale-invariant weights get
     ``wd_ratio`` of it), so it is a float here rather than a schedule.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, a float >= 0 (0: none); scale-invariant
+        weights get ``wd_ratio`` times it.
+      delta: the cosine threshold of the scale-invariance test, >= 0 (0.1 as the paper).
+      wd_ratio: the factor on ``weight_decay`` for projected weights, >= 0.
+      nesterov: use Nesterov momentum in the step (the paper's option).
+      amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.adamp(1e-3, weight_decay=1e-2)
+      >>> params = {"kernel": jnp.ones((4, 3))}
+      >>> updates, state = tx.update(params, tx.init(params), params)
     """
     check_interval("learning_rate", learning_rate, 0.0)
     block = rectification.scale_by_adamp(
@@ -217,6 +355,25 @@ def cautious_adamw(
 
     The weight decay is added after the mask, as in the paper's C-AdamW, and
     defaults to Optax's ``adamw`` value.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 1e-4, as ``optax.adamw``).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.cautious_adamw(1e-3)
+      >>> state = tx.init({"w": jnp.zeros(3)})
     """
     check_adam_hyperparameters(b1, b2, eps)
     block = rectification.cautious(optax.scale_by_adam(b1, b2, eps))
@@ -247,6 +404,30 @@ def ademamix(
     :func:`optax.contrib.ademamix` (whose defaults it shares, ``weight_decay=0``
     included; the paper trains with decoupled weight decay 0.1).
 
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the fast EMA (bias-corrected), in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      b3: decay of the slow EMA, in [0, 1) (0.9999 as the paper); with
+        ``b3_warmup_steps``, the value the warm-up ends at, above ``b1``.
+      alpha: weight of the slow EMA, >= 0 (the paper uses 4 to 10); with
+        ``alpha_warmup_steps``, the value the warm-up ends at.
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+      alpha_warmup_steps: warm ``alpha`` up linearly from 0 over this many steps
+        (:func:`varjax.ademamix_alpha_schedule`), >= 1; ``None``: constant.
+      b3_warmup_steps: warm ``b3`` up from ``b1`` over this many steps
+        (:func:`varjax.ademamix_beta3_schedule`), >= 1; ``None``: constant.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0, as Optax; the paper trains with 0.1).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import varjax
       >>> tx = varjax.ademamix(1e-3, alpha=8.0, alpha_warmup_steps=10_000, b3_warmup_steps=10_000)
@@ -256,7 +437,7 @@ def ademamix(
     if alpha_warmup_steps is not None:
         alpha = multi_ema.ademamix_alpha_schedule(alpha, alpha_warmup_steps)
     if b3_warmup_steps is not None:
-        b3 = multi_ema.ademamix_beta3_schedule(b1, b3, b3_warmup_steps)
+        b3 = multi_ema.ademamix_beta3_schedule(b3, b3_warmup_steps, b1=b1)
     block = multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype=mu_dtype)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
 
@@ -277,6 +458,27 @@ def simplified_ademamix(
     Equal to :func:`optax.contrib.simplified_ademamix`, whose defaults it shares.
     Its momentum sums gradients (about ``1 / (1 - b1)`` times larger than an EMA),
     so it wants a learning rate that much smaller than Adam's.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the momentum that sums gradients, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      alpha: weight of the current gradient added to the momentum, >= 0, or a schedule.
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0: none).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.simplified_ademamix(1e-4, alpha=2.0)
+      >>> state = tx.init({"w": jnp.zeros(3)})
     """
     block = multi_ema.scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root)
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
@@ -348,6 +550,43 @@ _MARS_ARGS_DOC = """
     ``previous_grads`` to ``update`` (see :func:`varjax.mars_value_and_grad`).
 """
 
+_MARS_PARAMS_DOC = """
+    Args:
+      learning_rate: the step size of the MARS leaves (and of the others unless
+        ``learning_rate_1d`` is set), a float >= 0 or an ``optax.Schedule``
+        (3e-3 as the official code).
+      b1: decay of the momentum of the corrected gradient, in [0, 1); it also
+        sets the correction's scale ``gamma * b1 / (1 - b1)``.
+      b2: decay of the second moment of ``c_t``, in [0, 1) (the Lion step has
+        no second moment and ignores it).
+      eps: added to the denominator ``sqrt(v_hat)``, >= 0 (also for the AdamW
+        step of the other leaves).
+      gamma: the weight of the gradient correction, >= 0, or a schedule
+        (0: no correction).
+      weight_decay: decoupled weight decay of the MARS leaves, scaled by the
+        learning rate; a float >= 0 or a schedule (default 0: none).
+      exact: the exact form: ``update`` takes ``previous_grads``, the gradient
+        at the previous parameters on the current batch. ``False`` (default):
+        the approximate form, with the previous step's gradient kept in the state.
+      optimize_1d: give every leaf the MARS step; ``False`` (default): matrices
+        only, the other leaves take AdamW.
+      learning_rate_1d: the step size of the other leaves, a float >= 0 or a
+        schedule; ``None`` (default): ``learning_rate``.
+      b1_1d: decay of the first moment of the other leaves' AdamW, in [0, 1).
+      b2_1d: decay of the second moment of the other leaves' AdamW, in [0, 1).
+      weight_decay_1d: decoupled weight decay of the other leaves, a float >= 0
+        or a schedule (0.1 as the official code).
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
+        > 0; ``None``: no clip.
+      norm_scope: ``"tensor"`` (default, the official code): one norm per leaf;
+        ``"global"``: one norm over the tree."""
+
+_MARS_RETURNS_DOC = """
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
+      ``previous_grads`` when ``exact=True``.
+"""
+
 
 def mars_adamw(
     learning_rate: ScalarOrSchedule = 3e-3,
@@ -370,7 +609,10 @@ def mars_adamw(
     """MARS-AdamW (Yuan et al., 2024): the variance-reduced gradient fed to AdamW.
 
     See :func:`varjax.scale_by_mars` for the step.
-    {args}
+    {args}{params}
+      amsgrad: use the running maximum of the bias-corrected second moment
+        (AMSGrad) in the MARS step.
+    {returns}
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = varjax.mars_adamw(3e-3)
@@ -405,10 +647,12 @@ def mars_lion(
 ) -> optax.GradientTransformationExtraArgs:
     """MARS-Lion (Yuan et al., 2024): ``sign`` of the EMA of the corrected gradient.
 
-    ``b2`` and ``eps`` only matter for leaves that take the AdamW step. The
+    ``b2`` is unused (the sign step has no second moment, and the other leaves'
+    AdamW takes ``b2_1d``); ``eps`` only matters for those leaves. The
     official hyper-parameters were tuned for MARS-AdamW: tune the learning
     rate (sign steps are larger; Lion's rule of thumb is 3-10x smaller).
-    {args}
+    {args}{params}
+    {returns}
     Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.mars_lion(3e-4)
@@ -445,7 +689,8 @@ def mars_shampoo(
     iterations in float32, the official coefficients; the official code
     iterates in bfloat16), scaled by ``sqrt(max(1, rows / cols))``. Tune the
     learning rate: the official values were tuned for MARS-AdamW.
-    {args}
+    {args}{params}
+    {returns}
     Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.mars_shampoo(1e-2)
@@ -460,7 +705,9 @@ def mars_shampoo(
 
 
 for _fn in (mars_adamw, mars_lion, mars_shampoo):
-    _fn.__doc__ = _fn.__doc__.format(args=_MARS_ARGS_DOC)
+    _fn.__doc__ = _fn.__doc__.format(
+        args=_MARS_ARGS_DOC, params=_MARS_PARAMS_DOC, returns=_MARS_RETURNS_DOC
+    )
 
 
 def qhm(
@@ -474,6 +721,19 @@ def qhm(
     """Quasi-hyperbolic momentum SGD (Ma & Yarats, 2019): ``-lr ((1 - nu) g + nu m)``.
 
     See :func:`varjax.scale_by_qhm`; ``weight_decay`` is decoupled (AdamW-style).
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b: decay of the momentum (an EMA), in [0, 1].
+      nu: weight of the momentum against the raw gradient, in [0, 1] (0: SGD).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
+        >= 0 or a schedule (default 0: none).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all), as in
+        ``optax.add_decayed_weights``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, varjax
@@ -496,6 +756,14 @@ def igt(
     gives ``theta``. ``gamma=None`` is the anytime average ``t / (t + 1)``
     (the paper's IGT, whose transport is exact on quadratics: on Rosenbrock it
     stalls near loss 0.3 where ``gamma=0.9`` converges); a float is Heavyball-IGT.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      gamma: the momentum decay, in [0, 1); ``None`` (default): the anytime
+        average ``t / (t + 1)``, the paper's IGT.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, varjax
@@ -531,6 +799,20 @@ _QUANTIZED_DOC = """
     learning-rate schedule unchanged, and ``state.skipped`` counts it. 8 bits:
     bitsandbytes' dynamic maps, about 2.04 bytes per parameter for two moments
     instead of 8. 4 bits: the maps of Li et al. (2023), about 1.06 bytes.
+"""
+
+_QUANTIZED_PARAMS_DOC = """
+      block_size: entries per quantization block along the last axis, >= 1
+        (each block keeps one float32 absmax).
+      min_size: leaves of the state with fewer elements stay in float32, >= 0.
+      stochastic_rounding: round each entry stochastically (unbiased) between
+        its two nearest codes; ``False`` (default): to the nearest code, as
+        bitsandbytes.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`varjax.quantization.QuantizedState`.
+
 """
 
 
@@ -594,7 +876,11 @@ def adam_8bit(
 ) -> optax.GradientTransformationExtraArgs:
     """Adam with 8-bit state (Dettmers et al., 2022), as bitsandbytes' ``Adam8bit``.
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adam_8bit(1e-3)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -621,7 +907,11 @@ def adam_4bit(
 ) -> optax.GradientTransformationExtraArgs:
     """Adam with 4-bit state (Li et al., 2023, "Memory Efficient Optimizers with 4-bit States").
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adam_4bit(1e-3)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -651,7 +941,15 @@ def adamw_8bit(
     """AdamW with 8-bit state. ``weight_decay=1e-4`` as ``optax.adamw`` (bitsandbytes'
     ``AdamW8bit`` defaults to 1e-2).
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-4).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adamw_8bit(1e-3, weight_decay=0.1)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -680,7 +978,15 @@ def adamw_4bit(
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW with 4-bit state (Li et al., 2023). ``weight_decay=1e-4`` as ``optax.adamw``.
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-4).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adamw_4bit(1e-3, weight_decay=0.1)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -708,7 +1014,14 @@ def lion_8bit(
 ) -> optax.GradientTransformationExtraArgs:
     """Lion (Chen et al., 2023) with 8-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: Lion's interpolation between momentum and gradient for the step, in [0, 1].
+      b2: decay of Lion's momentum, in [0, 1].
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-3).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.lion_8bit(1e-4)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -736,7 +1049,14 @@ def lion_4bit(
 ) -> optax.GradientTransformationExtraArgs:
     """Lion with 4-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: Lion's interpolation between momentum and gradient for the step, in [0, 1].
+      b2: decay of Lion's momentum, in [0, 1].
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-3).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.lion_4bit(1e-4)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -767,7 +1087,15 @@ def ademamix_8bit(
     """AdEMAMix (:func:`varjax.ademamix`) with its three moments in 8 bits, as
     bitsandbytes' ``AdEMAMix8bit``.
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the fast EMA (bias-corrected), in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      b3: decay of the slow EMA, in [0, 1).
+      alpha: weight of the slow EMA, >= 0.
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.ademamix_8bit(1e-3)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -797,7 +1125,15 @@ def ademamix_4bit(
 ) -> optax.GradientTransformationExtraArgs:
     """AdEMAMix (:func:`varjax.ademamix`) with its three moments in 4 bits.
     {doc}
-    Example:
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the fast EMA (bias-corrected), in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      b3: decay of the slow EMA, in [0, 1).
+      alpha: weight of the slow EMA, >= 0.
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).{params}    Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.ademamix_4bit(1e-3)
       >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
@@ -821,4 +1157,4 @@ for _fn in (
     ademamix_8bit,
     ademamix_4bit,
 ):
-    _fn.__doc__ = _fn.__doc__.format(doc=_QUANTIZED_DOC)
+    _fn.__doc__ = _fn.__doc__.format(doc=_QUANTIZED_DOC, params=_QUANTIZED_PARAMS_DOC)

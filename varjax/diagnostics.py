@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from varjax import roles
-from varjax._base import check_interval, one_minus_power, signal_to_noise
+from varjax._base import check_interval, check_same_structure, one_minus_power, signal_to_noise
 from varjax._samples import Moments, is_moments, sample_moments
 from varjax.roles import Role
 
@@ -33,6 +33,13 @@ __all__ = [
 def state_bytes(state: Any) -> int:
     """Bytes held by the arrays of an optimizer state (quantized or not); works on
     the shapes from ``jax.eval_shape`` too, without allocating the state.
+
+    Args:
+      state: any pytree; its leaves with a ``dtype`` (arrays,
+        ``jax.ShapeDtypeStruct``) are counted.
+
+    Returns:
+      The number of bytes, an ``int``.
 
     >>> import jax.numpy as jnp, optax
     >>> state_bytes(optax.adam(1e-3).init({"w": jnp.zeros(1000)}))  # mu, nu and a count
@@ -105,6 +112,17 @@ def gradient_noise_scale(
     scale is ``inf`` while the ``|G|^2`` estimate is not positive (the small
     per-step estimates can be negative).
 
+    Args:
+      small_batch_size: the examples behind ``small_batch_grads``, an integer >= 1.
+      large_batch_size: the examples behind the updates, an integer above
+        ``small_batch_size``.
+      decay: decay of the EMAs of the two estimates, in [0, 1) (0: no smoothing).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`NoiseScaleState`; ``update`` needs ``small_batch_grads``, one
+      gradient with the structure and shapes of the updates.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.gradient_noise_scale(32, 256), optax.adam(1e-3))
@@ -146,6 +164,14 @@ def gradient_noise_scale(
         del params, extra_args
         if small_batch_grads is None:
             raise ValueError("gradient_noise_scale needs the extra argument small_batch_grads")
+        try:
+            check_same_structure(small_batch_grads, updates, "updates")
+        except ValueError as error:
+            raise ValueError(
+                "gradient_noise_scale: small_batch_grads must be one gradient averaged over "
+                "small_batch_size examples, with the tree structure and shapes of the updates "
+                f"(not stacked micro-batch gradients); {error}"
+            ) from None
         large_sq = jnp.square(optax.global_norm(updates)).astype(jnp.float32)
         small_sq = jnp.square(optax.global_norm(small_batch_grads)).astype(jnp.float32)
         g2, trace = noise_scale_estimates(small_sq, large_sq, small, large)
@@ -210,6 +236,18 @@ def gradient_snr_monitor(
     the ratio. A leaf with zero variance has ``gsnr = inf``, or 0 if its mean
     gradient is zero too. The GSNR is that of the samples, e.g. micro-batch
     gradients: ``B`` times the per-example GSNR for micro-batches of ``B``.
+
+    Args:
+      axis_name: the named axis of ``shard_map`` or ``pmap`` whose devices
+        each hold one gradient sample (the updates), with >= 2 devices;
+        ``None`` (default): the samples come as ``microbatch_grads``.
+      decay: decay of the bias-corrected EMAs of signal and variance, in
+        [0, 1) (0, default: the current step's values).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`GradientSNRState`; without ``axis_name``, ``update`` needs
+      ``microbatch_grads`` of shape ``(n, *gradient.shape)`` per leaf.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, varjax

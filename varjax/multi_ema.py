@@ -149,6 +149,16 @@ def scale_by_second_moment(
     before ``optax.scale_by_rms`` would measure the smoothed signal instead).
     ``scale_by_second_moment(multi_ema((b1,), (1.0,), (True,)))`` is Adam.
 
+    Args:
+      numerator: the transform whose output is divided, e.g. :func:`multi_ema`;
+        extra arguments of ``update`` are forwarded to it.
+      b2: decay of the second-moment EMA of the raw gradient, in [0, 1).
+      eps: added to ``sqrt(nu_hat + eps_root)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> fast_and_slow = varjax.multi_ema((0.9, 0.999), (1.0, 5.0), (True, False))
@@ -208,8 +218,23 @@ def scale_by_ademamix(
     ``alpha`` and ``b3`` may be schedules: the paper warms both up over the
     whole run for stability, see :func:`ademamix_alpha_schedule` and
     :func:`ademamix_beta3_schedule` (:func:`varjax.ademamix` sets them up from
-    ``warmup_steps``). Paper defaults: ``b3=0.9999``, ``alpha`` in [4, 10]
-    (5 for its language models, 8 for vision), warm-up over the whole run.
+    ``alpha_warmup_steps`` and ``b3_warmup_steps``). Paper defaults:
+    ``b3=0.9999``, ``alpha`` in [4, 10] (5 for its language models, 8 for
+    vision), warm-up over the whole run.
+
+    Args:
+      b1: decay of the fast, bias-corrected EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      b3: decay of the slow EMA, in [0, 1), or a schedule
+        (:func:`ademamix_beta3_schedule`); the paper uses 0.9999.
+      alpha: weight of the slow EMA, >= 0, or a schedule
+        (:func:`ademamix_alpha_schedule`); the paper uses 4 to 10.
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+      mu_dtype: dtype of the two EMAs; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -245,6 +270,18 @@ def scale_by_simplified_ademamix(
     bias correction twice, making its early steps larger by ``1 / (1 - b2^t)``
     (20x at the first step with ``b2=0.95``).
 
+    Args:
+      b1: decay of the momentum that sums gradients, in [0, 1) (0.99 as the
+        paper and Optax).
+      b2: decay of the second-moment EMA, in [0, 1).
+      alpha: weight of the current gradient added to the momentum, >= 0, or a
+        schedule (0: the momentum alone).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      eps_root: added to ``nu_hat`` inside the square root, >= 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_simplified_ademamix(alpha=2.0)
@@ -261,6 +298,23 @@ def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
 
     ``t`` is the 1-based step, as in the paper's code; the returned schedule
     takes Optax's 0-based count and evaluates the formula at ``count + 1``.
+    Arguments come in the order of :func:`ademamix_beta3_schedule`: the final
+    value, then the number of warm-up steps.
+
+    Args:
+      alpha: the final weight of the slow EMA, reached after ``warmup_steps``;
+        >= 0 (the paper uses 4 to 10).
+      warmup_steps: ``T``, the number of steps of the warm-up, >= 1 (the paper
+        uses the whole run).
+
+    Returns:
+      An ``optax.Schedule`` to pass as ``alpha`` to :func:`scale_by_ademamix`.
+
+    Example:
+      >>> import varjax
+      >>> alpha = varjax.ademamix_alpha_schedule(8.0, warmup_steps=100)
+      >>> [round(float(alpha(count)), 4) for count in (0, 49, 99, 500)]  # t = count + 1
+      [0.08, 4.0, 8.0, 8.0]
     """
     check_interval("alpha", alpha, 0.0)
     check_interval("warmup_steps", warmup_steps, 1.0)
@@ -272,17 +326,43 @@ def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
     return schedule
 
 
-def ademamix_beta3_schedule(b1: float, b3: float, warmup_steps: int) -> optax.Schedule:
+def ademamix_beta3_schedule(b3: float, warmup_steps: int, *, b1: float = 0.9) -> optax.Schedule:
     """The paper's warm-up of AdEMAMix's ``b3``, linear in the EMA's half-life.
 
     ``b3(t) = min(exp(ln(b1) ln(b3) / ((1 - t/T) ln(b3) + (t/T) ln(b1))), b3)``:
     the half-life ``ln(1/2) / ln(b)`` moves linearly from that of ``b1`` to that
     of ``b3`` over ``T`` steps. ``t`` is the 1-based step, as for
-    :func:`ademamix_alpha_schedule`.
+    :func:`ademamix_alpha_schedule`, whose argument order this shares (the
+    final value, then the warm-up steps; the paper's code also puts the final
+    value first). The starting decay ``b1`` is keyword-only: it must be below
+    ``b3``, and a call with the two swapped raises ``ValueError``.
+
+    Args:
+      b3: the final decay of the slow EMA, reached after ``warmup_steps``; in
+        (b1, 1) (the paper uses 0.9999).
+      warmup_steps: ``T``, the number of steps of the warm-up, >= 1 (the paper
+        uses the whole run).
+      b1: the decay the warm-up starts from, in (0, b3); AdEMAMix's fast-EMA
+        decay (default 0.9, as :func:`scale_by_ademamix`).
+
+    Returns:
+      An ``optax.Schedule`` to pass as ``b3`` to :func:`scale_by_ademamix`.
+
+    Example:
+      >>> import varjax
+      >>> b3 = varjax.ademamix_beta3_schedule(0.9999, warmup_steps=100, b1=0.9)
+      >>> [round(float(b3(count)), 4) for count in (0, 9, 49, 99)]  # half-life 6.6 to 6931 steps
+      [0.9909, 0.999, 0.9998, 0.9999]
     """
     check_interval("b1", b1, 0.0, 1.0, low_closed=False, high_closed=False)
     check_interval("b3", b3, 0.0, 1.0, low_closed=False, high_closed=False)
     check_interval("warmup_steps", warmup_steps, 1.0)
+    if not b1 < b3:
+        raise ValueError(
+            f"ademamix_beta3_schedule warms b3 up from b1 to b3 and needs b1 < b3, got "
+            f"b1={b1!r} and b3={b3!r} (are they swapped? The call is "
+            "ademamix_beta3_schedule(b3, warmup_steps, b1=...))"
+        )
     log_b1, log_b3 = math.log(b1), math.log(b3)
 
     def schedule(count: jax.Array) -> jax.Array:
@@ -308,6 +388,14 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
 
     A gradient filter: chain it before any optimizer. Defaults are the paper's
     (``alpha=0.98, lamb=2.0``), also pytorch-optimizer's ``gradfilter_ema``.
+
+    Args:
+      alpha: decay of the gradient's EMA, in [0, 1) (0.98 as the paper).
+      lamb: the factor on the EMA added to the gradient (2 as the paper; 0: no
+        filter).
+
+    Returns:
+      An ``optax.GradientTransformation``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -352,6 +440,17 @@ def grokfast_ma(
     default) nothing is added until the window is full; ``reduce="sum"`` adds
     the sum instead of the mean, as pytorch-optimizer's ``filter_type="sum"``.
     Defaults are the paper's (``window=100, lamb=5.0``).
+
+    Args:
+      window: the number of past gradients averaged, an integer >= 1 (each
+        costs one copy of the parameters in the state).
+      lamb: the factor on the window's mean (or sum) added to the gradient (5
+        as the paper).
+      warmup: add nothing until the window is full (the paper's default).
+      reduce: ``"mean"`` (default, the paper) or ``"sum"`` of the window.
+
+    Returns:
+      An ``optax.GradientTransformation``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax

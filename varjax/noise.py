@@ -81,6 +81,15 @@ def autoclip(percentile: float = 10.0, window: int = 10_000) -> optax.GradientTr
     percentile interpolates linearly between order statistics (NumPy's default).
     A non-finite norm is not recorded and its updates pass through unchanged.
 
+    Args:
+      percentile: the percentile of the recorded norms to clip to, in (0, 100]
+        (10 as the paper).
+      window: how many of the latest norms are kept, an integer >= 1 (the
+        history's memory, ``4 * window`` bytes).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.autoclip(percentile=10.0), optax.adam(1e-3))
@@ -165,6 +174,18 @@ def scale_by_gsnr(
     paper does not say how a vanishing variance is treated; see
     :func:`gsnr_scale`. Statistics are taken in float32 at least and the
     updates keep their dtypes.
+
+    Args:
+      min_scale: the lower clip of the rate factors, in (0, 1] (the paper's
+        ``gamma = 0.1``; 1: no scaling).
+      axis_name: the named axis of ``shard_map`` or ``pmap`` whose devices
+        each hold one gradient sample (the updates), with >= 2 devices;
+        ``None`` (default): the samples come as ``microbatch_grads``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; without ``axis_name``,
+      ``update`` needs ``microbatch_grads`` of shape ``(n, *gradient.shape)``
+      per leaf (``ValueError`` otherwise).
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -264,6 +285,28 @@ def agvm(
     gradients). A measurement that is not finite, from a non-finite gradient
     or one so large that its squared norm overflows float32, leaves the
     factors as they are (in the EMA it would stay NaN for good).
+
+    Args:
+      inner: the optimizer whose output is scaled per group (learning rate
+        included); extra arguments of ``update`` are forwarded to it.
+      labels: a pytree of hashable group labels like the parameters, or a
+        function of the parameters returning one.
+      anchor: the label of the reference group, whose factor stays 1.
+      momentum: the EMA decay of the factors, in [0, 1) (0.97 as the official
+        code).
+      interval: the factors move every ``interval`` steps, an integer >= 1.
+      start_step: the first step that moves the factors, an integer >= 0
+        (e.g. the end of the learning-rate warm-up).
+      min_ratio: the lower clip of the variance ratio, > 0.
+      max_ratio: the upper clip of the variance ratio, >= ``min_ratio``.
+      axis_name: the named axis of ``shard_map`` or ``pmap`` whose devices
+        each hold one gradient sample (the updates), with >= 2 devices;
+        ``None`` (default): the samples come as ``microbatch_grads``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; without ``axis_name``,
+      ``update`` needs ``microbatch_grads`` of shape ``(n, *gradient.shape)``
+      per leaf (``ValueError`` otherwise).
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -399,6 +442,16 @@ def quantile_clipping(
     gradient entry that is not finite leaves its part of the estimate
     unchanged for that step (the whole tree, the leaf, or the element,
     following ``scope``).
+
+    Args:
+      threshold: the proximal step size, the largest move of the estimate per
+        step, > 0, or a schedule.
+      scope: ``"global"`` (default), ``"tensor"`` or ``"element"``, as above.
+      quantile: the quantile tracked with ``scope="element"``, in (0, 1);
+        must be 0.5 (the median) for the other scopes.
+
+    Returns:
+      An ``optax.GradientTransformation``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax

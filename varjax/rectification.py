@@ -94,6 +94,13 @@ def rectification(count: jax.Array, b2: Any, threshold: Any) -> tuple[jax.Array,
     Returns:
       ``(r_t, rectified)``: scalars (float32, or float64 under ``jax_enable_x64``);
       ``r_t`` is 0 where not rectified.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> [bool(varjax.rectification(jnp.asarray(t), 0.999, 5.0)[1]) for t in (5, 6)]
+      [False, True]
+      >>> round(float(varjax.rectification(jnp.asarray(1000), 0.999, 5.0)[0]), 4)  # rho_t 836
+      0.6453
     """
     t = scalar_float(count)
     if isinstance(b2, (int, float)):  # host float64: exact rho_inf and log(b2)
@@ -342,6 +349,9 @@ def scale_by_adopt(
       nesterov: use Nesterov momentum (as Optax does).
       mu_dtype: dtype of the momentum; ``None`` keeps the parameters' dtype.
 
+    Returns:
+      An ``optax.GradientTransformation``.
+
     Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_adopt()
@@ -411,6 +421,16 @@ def scale_by_grams(
     *Defaults.* ``eps=1e-8`` as in Adam and the paper; pytorch-optimizer's
     ``Grams`` uses ``eps=1e-6``.
 
+    Args:
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      amsgrad: use the running maximum of ``nu_hat`` (AMSGrad).
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
     Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_grams()
@@ -457,6 +477,17 @@ def scale_by_diffgrad(
     ``xi_t = sigmoid(|g_{t-1} - g_t|)``: ``xi_t * mu_hat / (sqrt(nu_hat) + eps)``,
     with ``g_0 = 0``. pytorch-optimizer's ``DiffGrad`` adds ``eps`` to ``sqrt(nu)``
     before the bias correction.
+
+    Args:
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      amsgrad: use the running maximum of ``nu_hat`` (AMSGrad).
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformation``; its state also holds the previous
+      gradient.
 
     Example:
       >>> import jax.numpy as jnp, varjax
@@ -508,6 +539,18 @@ def scale_by_adam_atan2(
     (adam-atan2-pytorch), so that the step matches Adam's size where
     ``|mu_hat| ~ sqrt(nu_hat)``; the paper's plain form is ``a=b=1``. That
     implementation's default ``b2`` is 0.99; here it is Adam's 0.999.
+
+    Args:
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      a: the output scale, > 0; the step is at most ``a * pi / 2`` per entry.
+      b: the scale of ``sqrt(nu_hat)`` inside ``atan2``, > 0 (``eps`` has no
+        counterpart: ``atan2`` is finite at zero).
+      amsgrad: use the running maximum of ``nu_hat`` (AMSGrad).
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformation``.
 
     Example:
       >>> import jax.numpy as jnp, varjax
@@ -601,6 +644,23 @@ def scale_by_adamp(
     code uses the first. The denominator is ``sqrt(nu_hat) + eps`` as in the
     paper; pytorch-optimizer adds ``eps`` before the bias correction.
 
+    Args:
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, and to the norms of the projection test, >= 0.
+      weight_decay: decoupled weight decay added to the step, >= 0 (0: none);
+        scale-invariant weights get ``wd_ratio`` times it.
+      delta: the cosine threshold of the scale-invariance test, >= 0: a weight
+        is projected when its cosine with the gradient is below
+        ``delta / sqrt(d)`` (0.1 as in the paper).
+      wd_ratio: the factor on ``weight_decay`` for projected weights, >= 0.
+      nesterov: use Nesterov momentum in the step (the paper's option).
+      amsgrad: use the running maximum of ``nu_hat`` (AMSGrad).
+      mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_adamp(weight_decay=1e-2),
@@ -668,6 +728,14 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     ``inner`` must output the update *before* the learning rate's sign flip
     (a ``scale_by_*`` transform such as ``optax.scale_by_adam``); chain the
     learning rate after the wrapper.
+
+    Args:
+      inner: the transform whose update is masked, before the learning rate
+        (``optax.scale_by_adam()``, ``optax.scale_by_lion()``, a varjax block).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` that forwards extra
+      arguments to ``inner``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax

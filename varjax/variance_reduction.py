@@ -151,6 +151,22 @@ def mars_correction(
     correction cannot see the next transform's moments, and XLA may copy the
     old gradient first (on CPU, one extra parameter-sized buffer a step).
 
+    Args:
+      b1: the momentum decay of the preconditioner that follows, in [0, 1); it
+        only sets the correction's scale ``gamma * b1 / (1 - b1)``.
+      gamma: the weight of the correction, >= 0, or a schedule (0.025 as the
+        official code; 0: ``c_t = g_t``).
+      exact: take ``g_prev`` from the extra argument ``previous_grads``;
+        ``False`` (default): the previous step's gradient, kept in the state.
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
+        > 0; ``None``: no clip.
+      norm_scope: ``"tensor"`` (default): one norm per leaf; ``"global"``: one
+        norm over the tree.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
+      ``previous_grads`` when ``exact=True``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.mars_correction(b1=0.9), optax.lion(1e-4, b1=0.9))
@@ -279,6 +295,25 @@ def scale_by_mars(
     ``amsgrad=True`` takes the running maximum after bias correction, as Optax
     does; the official code takes it before.
 
+    Args:
+      b1: decay of the momentum of the corrected gradient, in [0, 1).
+      b2: decay of the second moment of ``c_t``, in [0, 1) (unused by ``"lion"``).
+      eps: added to ``sqrt(v_hat)``, >= 0; also the Newton-Schulz
+        normalisation's ``eps``.
+      gamma: the weight of the gradient correction, >= 0, or a schedule.
+      preconditioner: ``"adamw"`` (default), ``"lion"`` or ``"shampoo"``.
+      exact: the exact form, with ``previous_grads`` passed to ``update``;
+        ``False`` (default): the approximate form.
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
+        > 0; ``None``: no clip.
+      norm_scope: ``"tensor"`` (default): one norm per leaf; ``"global"``: one
+        norm over the tree.
+      amsgrad: use the running maximum of the bias-corrected second moment.
+      ns_steps: Newton-Schulz iterations of ``"shampoo"``, an integer >= 1.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_mars(preconditioner="lion"),
@@ -319,6 +354,16 @@ def mars_value_and_grad(
     ``previous_grads = grad(loss_fn)(previous_params, *args)``: the gradient at
     the previous parameters on the *same* batch. On the first step pass
     ``params`` as ``previous_params`` (the transforms ignore it then).
+
+    Args:
+      loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar loss (or
+        ``(loss, aux)`` with ``has_aux``) of a pytree of parameters. For a Flax
+        NNX model, ``nnx.split`` it and ``nnx.merge`` inside the loss (see the
+        Flax NNX page of the docs).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``value`` is then that pair.
+
+    Returns:
+      The jitted ``f(params, previous_params, *args, **kwargs)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, varjax
@@ -425,6 +470,16 @@ def scale_by_storm(
     avoids the collapse with ``gamma < 1`` and an EMA after the correction.
     ``correction`` is ``a``; a schedule is called with the 0-based step count.
 
+    Args:
+      correction: ``a``, the weight of the new gradient in the recursion, in
+        [0, 1], or a schedule (1: SGD).
+      exact: take ``g_prev`` from the extra argument ``previous_grads``
+        (default); ``False``: the previous step's gradient, which makes STORM
+        plain SGD.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_storm(0.1), optax.scale_by_learning_rate(0.01))
@@ -464,6 +519,17 @@ def storm(
     ``a`` is capped at 1 (the paper assumes ``c eta^2 <= 1``). ``w=0.1`` and
     ``c=100`` are the paper's CIFAR-10 settings; tune ``k`` like a learning rate
     (it may be a schedule, called with the 0-based step count).
+
+    Args:
+      k: the step-size scale, > 0, or a schedule; tune it like a learning rate.
+      w: the offset under the cube root, > 0 (0.1 as the paper's CIFAR-10 runs).
+      c: sets ``a_{t+1} = c eta_t^2``, >= 0 (100 as the paper's runs).
+      exact: take ``g_prev`` from the extra argument ``previous_grads``
+        (default); ``False``: the previous step's gradient.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose updates include the
+      step size and sign (apply them directly).
 
     Example:
       >>> import jax.numpy as jnp, varjax
@@ -517,6 +583,13 @@ def scale_by_qhm(b: float = 0.999, nu: float = 0.7) -> optax.GradientTransformat
     ``nu=0`` is SGD, ``nu=1`` an EMA (normalised) momentum, ``nu=b`` Nesterov's
     momentum. Defaults are the paper's recommendation (``nu=0.7, b=0.999``);
     pytorch-optimizer's ``QHM`` calls ``b`` ``momentum`` and defaults to plain SGD.
+
+    Args:
+      b: decay of the momentum (an EMA), in [0, 1].
+      nu: weight of the momentum against the raw gradient, in [0, 1] (0: SGD).
+
+    Returns:
+      An ``optax.GradientTransformation``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax
@@ -577,6 +650,18 @@ def implicit_gradient_transport(
     by ``t``); a float gives Heavyball-IGT. Read ``theta`` for evaluation with
     :func:`igt_eval_params`, as with ``optax.contrib.schedule_free``.
 
+    Args:
+      inner: the full optimizer for the true parameters, learning rate
+        included, that averages gradients with decay ``gamma``; extra
+        arguments of ``update`` are forwarded to it.
+      gamma: the decay, in [0, 1), that sets the extrapolation
+        ``gamma / (1 - gamma)``; ``None`` (default): the anytime average
+        ``t / (t + 1)``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
+      ``params`` (the extrapolated point the caller holds).
+
     Example:
       >>> import jax.numpy as jnp, optax, varjax
       >>> gamma = 0.9
@@ -628,7 +713,24 @@ def implicit_gradient_transport(
 
 def igt_eval_params(state: optax.OptState) -> PyTree:
     """The true parameters ``theta_t`` kept by :func:`implicit_gradient_transport` in ``state``
-    (found anywhere inside chains, ``inject_hyperparams`` or other wrappers)."""
+    (found anywhere inside chains, ``inject_hyperparams`` or other wrappers).
+
+    Args:
+      state: an optimizer state holding exactly one :class:`IGTState`, e.g.
+        ``igt(...).init(params)`` after some updates, or the pure state of a
+        ``flax.nnx.Optimizer`` (``nnx.as_pure(optimizer.opt_state)``).
+
+    Returns:
+      The true parameters, a pytree like the parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.igt(0.1)
+      >>> params = {"w": jnp.ones(2)}
+      >>> updates, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+      >>> varjax.igt_eval_params(state)["w"]  # theta = 1 - 0.1 g
+      Array([0.9, 0.9], dtype=float32)
+    """
     found = [
         leaf
         for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, IGTState))
@@ -672,6 +774,18 @@ def multi_momentum(
     reachable here, so the buffer update (the ``1 - decay`` damping, which buffer
     takes the gradient) and the combination follow the abstract's description of
     one momentum per cluster, and the float64 test reference restates them.
+
+    Args:
+      num_clusters: the number of data clusters (and momentum buffers), an
+        integer >= 1.
+      decay: decay of each cluster's momentum, in [0, 1).
+      nu: weight of the combined momenta against the raw gradient, in [0, 1]
+        (1, default: momentum only).
+      weights: the weight of each cluster's momentum in the combination, >= 0,
+        ``num_clusters`` of them; ``None``: uniform, ``1 / num_clusters``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``cluster``.
 
     Example:
       >>> import jax.numpy as jnp, optax, varjax

@@ -36,6 +36,16 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     on one more fraction bit (second moments). 0 and 1 are always in the map.
     Equal value for value to bitsandbytes' ``create_dynamic_map``.
 
+    Args:
+      signed: mirror the values below zero (first moments); ``False``: values
+        in [0, 1] only, with one more fraction bit (second moments).
+      max_exponent_bits: the number of decimal exponents, ``10**-(bits - 1)``
+        to ``10**0``, in [1, total_bits - 1].
+      total_bits: the code width; the map has ``2**total_bits`` entries.
+
+    Returns:
+      The sorted map, a float32 NumPy array of ``2**total_bits`` values in [-1, 1].
+
     >>> m = dynamic_map(signed=True)
     >>> m.shape, round(float(m.min()), 6), float(m.max())
     ((256,), -0.992969, 1.0)
@@ -79,6 +89,15 @@ def linear_map(signed: bool = True, total_bits: int = 8, *, zero: bool = True) -
     map of Li et al. (2023), "Memory Efficient Optimizers with 4-bit States", where
     a second moment quantized to zero would blow the update ``m / sqrt(v)`` up.
 
+    Args:
+      signed: values over [-1, 1] (with 0 exact); ``False``: over [0, 1].
+      total_bits: the code width, >= 1; the map has ``2**total_bits`` entries.
+      zero: keep 0 in the map; ``False`` (unsigned maps only) spaces the values
+        over (0, 1].
+
+    Returns:
+      The sorted map, a float32 NumPy array of ``2**total_bits`` values.
+
     >>> linear_map(signed=True, total_bits=2)
     array([-1.,  0.,  0.,  1.], dtype=float32)
     >>> linear_map(signed=False, total_bits=2, zero=False)
@@ -107,6 +126,12 @@ def default_maps(bits: int) -> tuple[np.ndarray, np.ndarray]:
     choice of Li et al. (2023) and of their ``lpmm`` code: a dynamic map with 3
     exponent bits for first moments, and the linear map without zero for second
     moments.
+
+    Args:
+      bits: 8 or 4.
+
+    Returns:
+      ``(signed_map, unsigned_map)``, float32 NumPy arrays of ``2**bits`` values.
 
     >>> [m.size for m in default_maps(4)]
     [16, 16]
