@@ -785,29 +785,29 @@ def igt(
 
 _QUANTIZED_DOC = """
     The optimizer state is kept block-wise quantized by
-    :func:`varjax.quantize_state` (blocks of ``block_size`` along the last axis:
-    ``None`` gives 256 at 8 bits, 128 at 4 bits; leaves under ``min_size``
-    elements, ``None`` giving 4096, in float32; nearest or
-    ``stochastic_rounding``; ``roles`` overrides the declared role of chosen
-    state leaves, e.g. ``roles={"embed": varjax.roles.Role.EXACT}`` keeps the
-    state of embeddings in float32). Inside ``optax.inject_hyperparams`` the
+    :func:`varjax.quantize_state`. Inside ``optax.inject_hyperparams`` the
     learning rate, betas and weight decay can be injected; an explicit
     ``block_size`` or ``min_size`` must then be named in ``static_args``. The
     wrapper holds the whole optimizer, weight decay and learning rate included,
     so a step with a non-finite gradient (or one that overflows the state) is
-    skipped whole: zero updates, the state and any
-    learning-rate schedule unchanged, and ``state.skipped`` counts it. 8 bits:
+    skipped whole: zero updates, the state and any learning-rate schedule
+    unchanged, and ``state.skipped`` counts it. 8 bits:
     bitsandbytes' dynamic maps, about 2.04 bytes per parameter for two moments
     instead of 8. 4 bits: the maps of Li et al. (2023), about 1.06 bytes.
 """
 
 _QUANTIZED_PARAMS_DOC = """
-      block_size: entries per quantization block along the last axis, >= 1
-        (each block keeps one float32 absmax).
-      min_size: leaves of the state with fewer elements stay in float32, >= 0.
+      block_size: entries per quantization block along the last axis, an int
+        >= 1 (each block keeps one float32 absmax); ``None``: 256 at 8 bits,
+        128 at 4 bits.
+      min_size: leaves of the state with fewer elements stay in float32, an
+        int >= 0; ``None``: 4096.
       stochastic_rounding: round each entry stochastically (unbiased) between
         its two nearest codes; ``False`` (default): to the nearest code, as
         bitsandbytes.
+      roles: overrides the declared role of chosen state leaves, as in
+        :func:`varjax.quantize_state`: ``{"embed": Role.EXACT}`` keeps the state
+        of every parameter whose path names ``embed`` in float32.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a

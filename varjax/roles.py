@@ -54,7 +54,12 @@ T = TypeVar("T", bound=type)
 
 
 class Role(enum.Enum):
-    """The role of a field of optimizer state."""
+    """The role of a field of optimizer state.
+
+    Example:
+      >>> Role("non_negative")
+      <Role.NON_NEGATIVE: 'non_negative'>
+    """
 
     SIGNED = "signed"
     """A moment of either sign (Adam's ``mu``, a momentum buffer): may be quantized
@@ -95,7 +100,8 @@ def register_roles(cls: type, **field_roles: Role) -> None:
 
     Args:
       cls: a state type, a ``NamedTuple`` or a dataclass registered as a pytree.
-      **field_roles: one :class:`Role` per field of ``cls``, every field named.
+      field_roles: one :class:`Role` per field of ``cls``, every field named,
+        as keyword arguments.
 
     Raises:
       ValueError: when a field of ``cls`` has no role, a name is not a field of
@@ -128,7 +134,8 @@ def declare(**field_roles: Role) -> Callable[[T], T]:
     """Class decorator: :func:`register_roles` for the state type it decorates.
 
     Args:
-      **field_roles: one :class:`Role` per field of the decorated type.
+      field_roles: one :class:`Role` per field of the decorated type, as
+        keyword arguments.
 
     Example:
       >>> from typing import NamedTuple

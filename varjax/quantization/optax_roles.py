@@ -20,6 +20,12 @@ Choices worth knowing:
 - COCOB's ``cumulative_gradients`` is a signed sum and its ``scale``,
   ``subgradients`` and ``reward`` are non-negative (a running maximum of ``|g|``,
   a sum of ``|g|``, and a reward clipped at zero).
+
+Example:
+  >>> import optax
+  >>> from varjax.roles import declared_roles
+  >>> {field: role.name for field, role in declared_roles(optax.FactoredState).items()}
+  {'count': 'COUNT', 'v_row': 'NON_NEGATIVE', 'v_col': 'NON_NEGATIVE', 'v': 'NON_NEGATIVE'}
 """
 
 from __future__ import annotations

@@ -34,10 +34,23 @@ PyTree = Any
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
-    """A float array stored as block-wise codes: ``codes`` (uint8; at 4 bits two codes
-    per byte along the last axis) and one float32 ``absmax`` per block of the last
-    axis. ``signed`` tells which of the two maps made the codes and ``shape`` is
-    the array's own."""
+    """A float array stored as block-wise codes.
+
+    Args:
+      codes: uint8 codes of the map's entries; at 4 bits two codes per byte
+        along the last axis.
+      absmax: one float32 absmax per block of the last axis.
+      signed: which of the two maps made the codes.
+      bits: 8 or 4.
+      shape: the array's own shape.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> state = quantize_state(optax.scale_by_adam(), min_size=0).init(jnp.ones((2, 300)))
+      >>> mu = state.inner_state.mu
+      >>> mu.codes.shape, mu.absmax.shape, mu.signed
+      ((2, 300), (2, 2), True)
+    """
 
     codes: jax.Array
     absmax: jax.Array
@@ -48,10 +61,22 @@ class QuantizedArray:
 
 @roles_lib.declare(inner_state=Role.EXACT, skipped=Role.COUNT, key=Role.EXACT, spec=Role.EXACT)
 class QuantizedState(NamedTuple):
-    """State of :func:`quantize_state`: the inner state with its moments quantized, the
-    number of steps skipped for a non-finite gradient or new state, the PRNG key of
-    stochastic rounding (``None`` for nearest rounding), and the structure and shapes
-    of the parameters (static data, no arrays) that gradients are checked against."""
+    """State of :func:`quantize_state`.
+
+    Args:
+      inner_state: the inner transform's state, its moments as
+        :class:`QuantizedArray` leaves.
+      skipped: the number of steps skipped for a non-finite gradient or new state.
+      key: the PRNG key data of stochastic rounding, ``None`` for nearest rounding.
+      spec: the structure and leaf shapes of the parameters (static data, no
+        arrays), which gradients are checked against.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> state = quantize_state(optax.adam(1e-3)).init({"w": jnp.ones(3)})
+      >>> int(state.skipped), state.key
+      (0, None)
+    """
 
     inner_state: PyTree
     skipped: jax.Array
@@ -129,7 +154,13 @@ class _Codec:
 
 class UndeclaredRoleWarning(UserWarning):
     """A large float leaf of :func:`quantize_state`'s inner state has no declared role,
-    so it is kept in full precision."""
+    so it is kept in full precision.
+
+    Example:
+      >>> import warnings
+      >>> warnings.simplefilter("error", UndeclaredRoleWarning)  # make it an error
+      >>> warnings.resetwarnings()
+    """
 
 
 def _warn_undeclared(codec: _Codec, tree: PyTree, fates: list) -> None:
@@ -352,8 +383,10 @@ def quantize_state(
         (``declared_role`` is ``None`` where none is declared; return it to keep
         it). A mapping also works inside ``optax.inject_hyperparams``, which
         takes every function argument for a schedule.
-      signed_map, unsigned_map: replace the maps (sorted, ``2**bits`` values,
-        largest 1; the unsigned one in [0, 1]).
+      signed_map: replaces the signed map (sorted, ``2**bits`` values in
+        [-1, 1], largest 1).
+      unsigned_map: replaces the unsigned map (sorted, ``2**bits`` values in
+        [0, 1], largest 1).
       stochastic_rounding: round stochastically between the two entries around
         each value (unbiased), with a PRNG key kept in the state so that a
         restored checkpoint continues identically; nearest rounding otherwise.
@@ -375,7 +408,7 @@ def quantize_state(
       >>> tx = quantize_state(optax.adafactor(1e-3, min_dim_size_to_factor=32), min_size=64)
       >>> params = {"embed": jnp.ones((1000, 64)), "w": jnp.ones((64, 128))}
       >>> state = tx.init(params)
-      >>> factored = state.inner_state[1]  # adafactor is a chain; its second block
+      >>> factored = state.inner_state[0]  # adafactor is a chain; its first block
       >>> factored.v_row["w"].codes.dtype, factored.v_row["w"].signed
       (dtype('uint8'), False)
       >>> updates, state = tx.update(params, state, params)
