@@ -549,6 +549,42 @@ def test_inject_hyperparams(case: Case) -> None:
     assert np.isclose(state.hyperparams["learning_rate"], case.learning_rate)
 
 
+# Injected, b1 and b2 become float32 arrays: 0.999 in float32 moves 1 - b2 by up to
+# eps32 * b2 / (1 - b2), about 6e-5 relative, and the updates with it.
+INJECTED_RTOL = 4 * float(np.finfo(np.float32).eps) / (1 - 0.999)
+
+
+@pytest.mark.parametrize("name", varjax.alias.__all__)
+def test_inject_hyperparams_the_natural_way(name: str) -> None:
+    """``optax.inject_hyperparams(varjax.X)(learning_rate=...)``, with no lambda and no
+    ``static_args``, works for every ready optimizer and equals ``varjax.X``."""
+    make = getattr(varjax, name)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+    injected, plain = optax.inject_hyperparams(make)(learning_rate=0.01), make(0.01)
+    state, plain_state = injected.init(params), plain.init(params)
+    for step in range(3):
+        grads = random_grads(step)(params, step)
+        updates, state = jax.jit(injected.update)(grads, state, params)
+        expected, plain_state = jax.jit(plain.update)(grads, plain_state, params)
+        for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+            assert float(jnp.linalg.norm(got - want)) <= INJECTED_RTOL * float(
+                jnp.linalg.norm(want)
+            )
+
+
+def test_inject_hyperparams_names_static_args_for_quantization_sizes() -> None:
+    params = {"w": jnp.ones((4, 8))}
+    with pytest.raises(ValueError, match=r"static_args=\('min_size',\)"):
+        tx = optax.inject_hyperparams(varjax.adamw_8bit)(learning_rate=0.01, min_size=0)
+        jax.jit(tx.update)(params, tx.init(params), params)
+    tx = optax.inject_hyperparams(varjax.adamw_8bit, static_args=("min_size",))(
+        learning_rate=0.01, min_size=0
+    )
+    state = tx.init(params)
+    assert isinstance(state.inner_state.inner_state[0].mu["w"], varjax.quantization.QuantizedArray)
+    jax.jit(tx.update)(params, state, params)
+
+
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_multi_steps_equals_mean_gradient(case: Case) -> None:
     params = {"w": jnp.linspace(-1.0, 1.0, 6), "m": jnp.full((3, 2), 0.5)}

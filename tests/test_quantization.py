@@ -777,3 +777,24 @@ def test_state_drift_is_bounded_over_10k_steps(bits, block_size) -> None:
     worst = {k: float(v) for k, v in carry[4].items()}
     assert max(worst.values()) <= 1.0, worst
     assert worst["mu"] > 0.1, worst  # the bound is close to attained: the test has teeth
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        varjax.adam_8bit,
+        varjax.adamw_8bit,
+        varjax.lion_8bit,
+        varjax.adamw_4bit,
+        varjax.ademamix_8bit,
+        lambda lr: quantize_state(optax.adafactor(lr)),
+    ],
+)
+def test_mismatched_gradient_tree_names_the_leaf(make) -> None:
+    tx = make(1e-3)
+    params = {"a": jnp.ones((64, 128)), "b": jnp.ones(8)}
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"structure .*'a'.*'b'"):
+        tx.update({"a": params["a"]}, state, params)
+    with pytest.raises(ValueError, match=r"leaf at \['b'\] has shape \(9,\).*\(8,\)"):
+        jax.jit(tx.update)({"a": params["a"], "b": jnp.ones(9)}, state, params)

@@ -63,7 +63,7 @@ class QuantizedArray:
 class QuantizedState(NamedTuple):
     """State of :func:`quantize_state`.
 
-    Args:
+    Attributes:
       inner_state: the inner transform's state, its moments as
         :class:`QuantizedArray` leaves.
       skipped: the number of steps skipped for a non-finite gradient or new state.
@@ -269,7 +269,7 @@ def _static_int(name: str, value: Any, low: int) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     try:
         number = operator.index(value)
-    except jax.errors.ConcretizationTypeError:
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
         raise ValueError(
             f"{name} sets array shapes and must be a Python int, got a traced value; under "
             f"optax.inject_hyperparams pass static_args=({name!r},)"
