@@ -481,10 +481,9 @@ def test_stochastic_rounding_checkpoint_continues_identically(tmp_path) -> None:
         np.testing.assert_array_equal(a, b)
     eager = tx.update(grads[3], state, params)  # outside jit: the same numbers
     jitted = update(grads[3], state, params)
+    # fused against op by op: see test_copies_of_the_parameters_stay_in_full_precision
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
-        assert_close(
-            a, b, rtol=1e-6, ulps=4
-        )  # fused against op by op: see test_copies_of_the_parameters_stay_in_full_precision
+        assert_close(a, b, rtol=1e-6, ulps=4)
 
 
 @pytest.mark.parametrize(

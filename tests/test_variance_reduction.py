@@ -106,10 +106,12 @@ def test_matches_float64_reference(name: str) -> None:
 
 
 def reference_tolerance(name: str) -> dict:
-    """The float64-reference tolerance of ``name``: Newton-Schulz's five iterations of
-    7x5 and 4x9 matrix products (rtol 1e-4), Adam-like steps otherwise (rtol 2e-5);
-    8 EPS32 of the largest magnitude the state has held (measured under 3)."""
-    return {"rtol": 1e-4 if "shampoo" in name else 2e-5, "ulps": 8}
+    """The float64-reference tolerance of ``name``, relative (``rtol``) and in EPS32 of the
+    largest magnitude the leaf has held (``ulps``): Newton-Schulz's five iterations of
+    three 7x5 or 4x9 matrix products each, 1e-4 and 32 (measured 1.8 EPS32 with AVX-512
+    code, 5.4 with SSE4.2); Adam-like steps otherwise, 2e-5 and 8 (measured under 1)."""
+    shampoo = "shampoo" in name
+    return {"rtol": 1e-4 if shampoo else 2e-5, "ulps": 32 if shampoo else 8}
 
 
 EXACT = {
