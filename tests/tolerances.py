@@ -4,9 +4,11 @@ Why not ``np.testing.assert_allclose(a, d, rtol=1e-5, atol=1e-8)``: a fixed
 ``atol`` ignores the scale of the array, and an element near zero after a
 cancellation carries the rounding error of the *terms* it came from, not of its
 own value. XLA:CPU picks vector widths, reduction orders and FMA contraction per
-processor (``XLA_FLAGS=--xla_cpu_max_isa=SSE4_2`` or ``AVX2`` on an AVX-512
-machine changes the last bits of ``jnp.std``, of a rescaling by it, of ``exp``
-and of ``a * b + c``), so such an element lands a few ulps of the array's
+processor: on an AVX-512 EPYC, ``XLA_FLAGS=--xla_cpu_max_isa=SSE4_2`` (no AVX,
+no FMA) changes the last bits of ``jnp.std``, of a rescaling by it, of ``exp``,
+``log1p`` and ``a * b + c``, and ``AVX2`` or ``--xla_cpu_prefer_vector_width=128``
+those of the rescaling, while sums, norms and small matrix products stayed
+bit-equal. So an element near a cancellation lands a few ulps of the array's
 magnitude away on another CPU.
 
 Error model (u = ``EPS32 / 2`` is float32's unit roundoff; Higham, *Accuracy
@@ -23,11 +25,14 @@ and Stability of Numerical Algorithms*, ch. 3-4):
   the array's largest magnitude.
 
 Hence :func:`assert_close`'s ``atol = ulps * EPS32 * max|desired|`` per array
-(``ulps`` about half the roundings on the longest chain whose errors survive,
-times the ratio of the intermediates' size to the output's; an EMA with decay
-``b`` forgets old errors at rate ``b``, so its chain is about ``1 / (1 - b)``
-steps long, not the whole run), and :func:`assert_close_normwise`'s
-``||a - d||_2 <= rtol ||d||_2`` where a reduced statistic rescales a whole array.
+(over a sequence of steps, ``test_rectification.assert_sequences_close`` takes
+the largest magnitude the leaf has reached so far, since a state carries the
+rounding of the largest values it held). ``ulps`` is about half the roundings
+on the longest chain whose errors survive, times the ratio of the
+intermediates' size to the output's; an EMA with decay ``b`` forgets old errors
+at rate ``b``, so its chain is about ``1 / (1 - b)`` steps long, not the whole
+run. :func:`assert_close_normwise` checks ``||a - d||_2 <= rtol ||d||_2`` where
+a reduced statistic rescales a whole array.
 Both stay orders of magnitude below what a wrong algorithm gives (a missing
 bias correction is a factor ``1 / (1 - b^t)``; ``ddof=0`` for ``ddof=1`` moves a
 384-element standard deviation by 1.3e-3): the reference tests check a few
@@ -39,7 +44,6 @@ from __future__ import annotations
 import numpy as np
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23, twice float32's unit roundoff
-EPS64 = float(np.finfo(np.float64).eps)
 
 
 def scale_of(desired) -> float:
@@ -56,10 +60,9 @@ def assert_close(
     ulps: float,
     scale=None,
     atol: float = 0.0,
-    eps: float = EPS32,
     err_msg="",
 ) -> None:
-    """Element-wise ``|a - d| <= rtol |d| + ulps * eps * scale + atol``.
+    """Element-wise ``|a - d| <= rtol |d| + ulps * EPS32 * scale + atol``.
 
     ``scale`` defaults to ``max|desired|`` (see the module docstring for the
     error model); pass the magnitude of the intermediates when they are larger
@@ -69,8 +72,8 @@ def assert_close(
     actual = np.asarray(actual, np.float64)
     desired = np.asarray(desired, np.float64)
     scale = scale_of(desired) if scale is None else float(scale)
-    total = ulps * eps * scale + atol
-    msg = f"{err_msg} (atol = {ulps} * eps * {scale:.3g} + {atol:.3g} = {total:.3g})".strip()
+    total = ulps * EPS32 * scale + atol
+    msg = f"{err_msg} (atol = {ulps} * EPS32 * {scale:.3g} + {atol:.3g} = {total:.3g})".strip()
     np.testing.assert_allclose(actual, desired, rtol=rtol, atol=total, err_msg=msg)
 
 
