@@ -186,7 +186,8 @@ def test_reference_tests_pass_with_another_instruction_set() -> None:
     CPU gives); these tests failed a fixed ``atol`` there or on an AVX-512 EPYC."""
     root = pathlib.Path(__file__).parent.parent
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa=SSE4_2".strip()
-    env = os.environ | {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # xdist's
+    env |= {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "0"]
     result = subprocess.run(
         [*command, *ANOTHER_ISA_TESTS], cwd=root, env=env, capture_output=True, text=True
