@@ -17,7 +17,9 @@ def run_on_host_devices(
     path = tmp_path / "on_host_devices.py"
     path.write_text(script)
     env = os.environ | {
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        # keep the caller's XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2 to test another CPU)
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={devices}".strip(),
         "JAX_PLATFORMS": "cpu",
     }
     result = subprocess.run(

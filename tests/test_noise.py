@@ -36,6 +36,11 @@ from test_rectification import (
 import varjax
 from varjax.noise import percentile_of_history
 
+# AutoClip scales the whole gradient by one float32 factor, percentile / norm (a
+# 49-element sum of squares, a sqrt, an interpolation, a division): an error of a
+# few EPS32 relative to every element alike, so rtol 2e-6 (17 EPS32) is the bound
+AUTOCLIP_TOLERANCE = {"rtol": 2e-6, "ulps": 0}
+
 
 @pytest.mark.parametrize("percentile", [10.0, 50.0, 90.0, 100.0])
 @pytest.mark.parametrize("window", [1000, 7, 1])
@@ -44,7 +49,7 @@ def test_autoclip_matches_reference(percentile, window) -> None:
     ours = run_block(varjax.autoclip(percentile, window), grads, params)
     reference = ref.AutoClip(percentile, None if window >= len(grads) else window)
     expected = [reference.step(g) for g in grads]
-    assert_sequences_close(ours, expected, rtol=2e-6, atol=1e-12)
+    assert_sequences_close(ours, expected, **AUTOCLIP_TOLERANCE)
     clipped = sum(
         not np.allclose(o[0], g[0], rtol=1e-9) for o, g in zip(expected, grads, strict=True)
     )
@@ -133,12 +138,17 @@ def run_with_samples(tx, sequence, params) -> list[list[np.ndarray]]:
     return outputs
 
 
+# VRGD: 8-sample means and variances (mean(g^2) - g^2 cancels where the signal is
+# large), a layer mean of r and a clip: rtol 2e-5, and 8 EPS32 of the largest step
+GSNR_TOLERANCE = {"rtol": 2e-5, "ulps": 8}
+
+
 @pytest.mark.parametrize("min_scale", [0.1, 0.5])
 def test_gsnr_scaling_matches_vrgd(min_scale) -> None:
     sequence = sample_sequence()
     ours = run_with_samples(varjax.scale_by_gsnr(min_scale), sequence, initial_params())
     expected = [ref.vrgd_step(stacks, min_scale) for stacks in sequence]
-    assert_sequences_close(ours, expected, rtol=2e-5, atol=1e-7)
+    assert_sequences_close(ours, expected, **GSNR_TOLERANCE)
     factors = np.concatenate(
         [(e / s.mean(0)).ravel() for e, s in zip(expected[0][:2], sequence[0][:2], strict=True)]
     )
@@ -153,7 +163,7 @@ def test_vr_adam_is_adam_on_scaled_gradients() -> None:
     ours = run_with_samples(optax.chain(varjax.scale_by_gsnr(), optax.adam(1e-2)), sequence, params)
     scaled = [ref.vrgd_step(stacks) for stacks in sequence]
     adam = run_block(optax.adam(1e-2), scaled, params)
-    assert_sequences_close(ours, adam, rtol=1e-5, atol=1e-9)
+    assert_sequences_close(ours, adam, rtol=1e-5, ulps=8)
 
 
 def test_gsnr_scaling_edge_cases() -> None:
@@ -200,7 +210,7 @@ def test_agvm_matches_reference() -> None:
     ours = run_with_samples(tx, sequence, initial_params())
     reference = ref.AGVM(ref.Adam(), groups, "backbone", momentum=0.8, interval=3, start=5)
     expected = [reference.step(stacks) for stacks in sequence]
-    assert_sequences_close(ours, expected, rtol=2e-5, atol=1e-9)
+    assert_sequences_close(ours, expected, rtol=2e-5, ulps=8)
     assert reference.factors["backbone"] == 1.0
     assert reference.factors["head"] < 0.8  # the noisier head gets a smaller rate
 
@@ -287,7 +297,9 @@ for name, make in makers.items():
 
     got = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P()))(samples)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+        # psum against a micro-batch mean: another reduction order, errors of the array's scale
+        atol = 16 * 2**-23 * np.max(np.abs(np.asarray(b)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=atol)
     print(name, "sharded ok")
 """
 
@@ -312,7 +324,7 @@ def test_quantile_clipping_matches_reference(scope, quantile) -> None:
     ours = run_block(varjax.quantile_clipping(0.5, scope, quantile), grads, initial_params())
     reference = ref.QuantileClipping(0.5, scope, quantile)
     expected = [reference.step(g) for g in grads]
-    assert_sequences_close(ours, expected, rtol=2e-5, atol=1e-6)
+    assert_sequences_close(ours, expected, rtol=2e-5, ulps=8)
     clipped = sum(  # steps where the estimate did not jump all the way to g
         not all(np.allclose(m, g) for m, g in zip(estimate, step, strict=True))
         for estimate, step in zip(expected, grads, strict=True)
