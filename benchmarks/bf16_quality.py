@@ -26,7 +26,8 @@ on the task's model and with 8-bit moments (``bf16_adamw_8bit``).
 
 Rerun (writes ``results/bf16_quality.{json,md,png}``)::
 
-    python benchmarks/bf16_quality.py --steps 2000 --seeds 0,1,2
+    python benchmarks/bf16_quality.py --tiny --steps 1500 --seeds 0,1,2 --tag tiny
+    python benchmarks/bf16_quality.py --steps 200 --seeds 0 --tag full_200steps
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import pathlib
 import platform
 import time
@@ -200,7 +202,7 @@ def markdown(record: dict) -> str:
         "| configuration | final valid loss (mean ± std over seeds) | vs fp32 | per seed |",
         "| --- | --- | --- | --- |",
     ]
-    base = record["results"]["fp32"]["valid_mean"]
+    base = record["results"].get("fp32", {}).get("valid_mean", math.nan)
     for name, r in record["results"].items():
         rel = 100 * (r["valid_mean"] - base) / base
         seeds = ", ".join(f"{v:.4f}" for v in r["valid_final"])
@@ -291,13 +293,14 @@ def main() -> None:
         + " ".join(
             f"--{k.replace('_', '-')} {v}"
             for k, v in vars(args).items()
-            if k in ("steps", "seeds", "task")
-        ),
+            if k in ("steps", "seeds", "task", "eval_every", "tag") and v != ""
+        )
+        + (" --tiny" if args.tiny else ""),
         "machine": (
             f"{platform.machine()} {jax.devices()[0].platform}, "
             f"{jax.device_count()} device(s), jax {jax.__version__}"
         ),
-        "task": task.summary,
+        "task": task.summary + (" (the task's --tiny version)" if args.tiny else ""),
         "n_params": task.n_params,
         "steps": args.steps,
         "batch_size": batch,

@@ -17,7 +17,11 @@ sharding (state sharded like the weights).
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -667,3 +671,38 @@ def test_state_is_sharded_like_the_weights(tmp_path) -> None:
     the single-device run bit for bit (stochastic rounding draws the same bits)."""
     out = run_on_host_devices(SHARDING_SCRIPT, tmp_path)
     assert out.split() == ["stochastic", "ok", "kahan", "ok", "split", "ok"]
+
+
+# --------------------------------------------------------------------------
+# The benchmark scripts run end to end at a tiny size (no timing asserted)
+# --------------------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bf16_quality_script_runs(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "bf16_quality.py"), "--tiny"]
+    command += ["--steps", "20", "--seeds", "0", "--eval-every", "10", "--out", str(tmp_path)]
+    command += ["--only", "fp32,bf16_nearest,bf16_split"]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    record = json.loads((tmp_path / "bf16_quality.json").read_text())
+    assert list(record["results"]) == ["fp32", "bf16_nearest", "bf16_split"]
+    for run in record["results"].values():
+        assert run["curves"][0]["steps"] == [0, 10, 20]
+        assert np.all(np.isfinite(run["valid_final"]))
+    memory = {row["configuration"]: row["total_bytes_per_param"] for row in record["memory_large"]}
+    assert memory["optax.adamw, float32 weights"] == pytest.approx(12.0, abs=1e-6)
+    assert 4.0 < memory["bf16_adamw_8bit rounding=stochastic"] < 4.05
+    assert (tmp_path / "bf16_quality.png").stat().st_size > 0
+
+
+def test_bf16_step_time_script_runs(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "bf16_step_time.py"), "--params", "2e4"]
+    command += ["--repeats", "1", "--steps", "1", "--only", "bf16_adamw split"]
+    command += ["--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads(next(tmp_path.glob("bf16_step_time_*.json")).read_text())
+    names = [row["configuration"] for row in record["rows"]]
+    assert names == ["optax.adamw (bf16 weights, bf16 moments)", "bf16_adamw split"]
+    assert record["rows"][1]["weights_bytes_per_param"] == 2.0
+    assert record["rows"][1]["state_bytes_per_param"] == pytest.approx(10.0, abs=0.01)
