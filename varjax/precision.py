@@ -27,7 +27,7 @@ of the parameter's dtype) and return, for a bfloat16 or float16 leaf, the
 update ``u' = float32(t) - float32(p)`` **in float32**: ``p + u'`` is then
 computed in float32, and whenever ``t - p`` is exact in float32 the sum is
 exactly ``t`` and the cast back changes nothing. ``t - p`` of two bfloat16
-values is exact in float32 when their binades are at most 15 apart (24
+values is exact in float32 when their binades are at most 16 apart (24
 significant bits cover the 8 of the larger one plus the distance to the
 smaller one's last bit); where ``t`` lies within a factor 2 of ``p`` (every
 sub-ulp or small step) this is Sterbenz's lemma. For larger jumps, ``t`` comes
@@ -327,7 +327,7 @@ def kahan_summation(compensation_dtype: Any = None) -> optax.GradientTransformat
       >>> tx = kahan_summation()
       >>> p = {"w": jnp.ones(3, jnp.bfloat16)}
       >>> state = tx.init(p)
-      >>> for _ in range(8):  # eight steps of 2**-10: a quarter of an ulp each... eight times
+      >>> for _ in range(8):  # eight steps of 2**-10, an eighth of an ulp of 1.0 each
       ...     u, state = tx.update({"w": jnp.full(3, 2.0**-10)}, state, p)
       ...     p = optax.apply_updates(p, u)
       >>> p["w"].tolist()  # round-to-nearest would have kept 1.0
@@ -632,8 +632,8 @@ def bf16_adamw_8bit(
     Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.bf16_adamw_8bit(1e-3)
-      >>> state = tx.init({"w": jnp.zeros((128, 64), jnp.bfloat16)})
-      >>> print(round(varjax.state_bytes(state) / (128 * 64), 2))  # 8-bit moments and key
+      >>> state = tx.init({"w": jnp.zeros((64, 1024), jnp.bfloat16)})
+      >>> print(round(varjax.state_bytes(state) / (64 * 1024), 2))  # 2 x (1 + 4 / 256)
       2.03
     """
     tx = adamw_8bit(
