@@ -706,3 +706,29 @@ def test_bf16_step_time_script_runs(tmp_path: pathlib.Path) -> None:
     assert names == ["optax.adamw (bf16 weights, bf16 moments)", "bf16_adamw split"]
     assert record["rows"][1]["weights_bytes_per_param"] == 2.0
     assert record["rows"][1]["state_bytes_per_param"] == pytest.approx(10.0, abs=0.01)
+
+
+def test_random_bits_are_uniform_and_independent() -> None:
+    """Chi-square tests (6 sigma of the chi-square's spread) on 2**20 draws: the top and
+    the next byte of the 16 bits stochastic rounding uses, pairs of neighbouring
+    elements, and the same element under two successive keys."""
+    n = 2**20
+    key = jax.random.key(0)
+    a = np.asarray(varjax.precision.random_bits(key, (n,)))
+    b = np.asarray(varjax.precision.random_bits(jax.random.split(key)[1], (n,)))
+
+    def chi2(values: np.ndarray, bins: int) -> float:
+        counts = np.bincount(values, minlength=bins)
+        expected = len(values) / bins
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    limit = 255 + 6 * math.sqrt(2 * 255)
+    for values in (a >> 24, (a >> 16) & 0xFF, b >> 24):
+        assert chi2(values.astype(np.int64), 256) < limit
+    neighbours = ((a[:-1] >> 28) << 4) | (a[1:] >> 28)
+    successive = ((a >> 28) << 4) | (b >> 28)
+    for values in (neighbours, successive):
+        assert chi2(values.astype(np.int64), 256) < limit
+    assert np.array_equal(
+        a, np.asarray(jax.jit(varjax.precision.random_bits, static_argnums=1)(key, (n,)))
+    )

@@ -58,6 +58,7 @@ and :func:`bf16_adamw` / :func:`bf16_adamw_8bit` are the ready optimizers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -79,6 +80,7 @@ __all__ = [
     "kahan_summation",
     "landing_update",
     "low_precision_weights",
+    "random_bits",
     "split_float32",
     "split_mantissa",
     "stochastic_round",
@@ -135,6 +137,32 @@ def landing_update(target: jax.Array, param: jax.Array) -> jax.Array:
     return jnp.where(target == param, jnp.zeros_like(t32), t32 - p32)
 
 
+def _mix(h: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer hash with full avalanche (Wellons' "lowbias32")."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform ``uint32`` bits of ``shape``: a counter-based hash of each element's index,
+    keyed by two words drawn from ``key``.
+
+    ``jax.random.bits`` (threefry, 20 rounds per 64 bits) cost ten times the rest of
+    a bfloat16 AdamW step on CPU; stochastic rounding needs 16 good bits per
+    element, not cryptographic ones. Each element gets
+    ``mix(mix(index * golden + k0) ^ k1)``, ``mix`` a bijective hash with full
+    avalanche and ``(k0, k1)`` fresh threefry words per call. It is exact integer
+    arithmetic on the global index, so the bits are the same under ``jit`` and
+    without, and for any sharding of the array. Leaves of more than 2**32
+    elements would repeat indices.
+    """
+    k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+    size = math.prod(shape)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    return _mix(_mix(index * jnp.uint32(0x9E3779B1) + k0) ^ k1)
+
+
 def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     """Round the float32 array ``x`` to ``dtype`` (bfloat16 or float16) up or down at random,
     so that the expected result is ``x``.
@@ -145,7 +173,8 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     is the bit trick of torchao's ``_fp32_to_bf16_sr``: add 16 random bits to
     the float32 pattern and keep its top 16 bits (a carry rounds the magnitude
     away from zero), so the probability is exactly the low 16 bits over 2**16
-    and the rounding is exactly unbiased. Beyond the largest finite bfloat16 it
+    and the rounding is exactly unbiased (given uniform bits: they come from
+    :func:`random_bits`). Beyond the largest finite bfloat16 it
     rounds to it or to infinity in proportion. For float16 the probability is
     compared with a float32 uniform draw (resolution 2**-24); beyond the largest
     finite float16 (65504) it rounds to nearest. NaN and infinities pass
@@ -161,7 +190,7 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     if dtype == jnp.dtype(jnp.bfloat16):
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-        noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
+        noise = random_bits(key, x.shape) >> 16
         top = ((bits + noise) >> 16).astype(jnp.uint16)
         rounded = jax.lax.bitcast_convert_type(top, jnp.bfloat16)
         return jnp.where(jnp.isfinite(x), rounded, x.astype(dtype))
@@ -173,7 +202,8 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
         hi = jnp.where(above, nearest, other)
         lo32, hi32 = lo.astype(jnp.float32), hi.astype(jnp.float32)
         span = jnp.where(hi32 > lo32, hi32 - lo32, 1.0)
-        up = jax.random.uniform(key, x.shape, jnp.float32) < (x - lo32) / span
+        uniform = (random_bits(key, x.shape) >> 8).astype(jnp.float32) * 2.0**-24
+        up = uniform < (x - lo32) / span
         rounded = jnp.where(up, hi, lo)
         finite = jnp.isfinite(rounded) & (jnp.abs(x) <= float(jnp.finfo(dtype).max))
         return jnp.where(finite, rounded, nearest)
@@ -233,8 +263,8 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     through unchanged. The key lives in the state (``seed`` starts it); each
     step splits it and folds in the leaf's index, so a run is reproducible from
     the seed and gives the same bits under ``jit`` and without. The random bits
-    of a sharded leaf do not depend on its sharding (JAX's partitionable
-    threefry). The state is 8 bytes.
+    (:func:`random_bits`) depend on each element's global index, not on the
+    leaf's sharding. The state is 8 bytes.
 
     Put the whole update rule, learning rate included, before it, and give that
     one float32 state with :func:`in_float32` (or use
