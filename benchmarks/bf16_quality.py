@@ -72,11 +72,13 @@ def adamw(schedule, weight_decay: float) -> optax.GradientTransformation:
     return optax.adamw(schedule, weight_decay=weight_decay)
 
 
-def configurations(schedule, weight_decay: float, with_plain: bool) -> dict:
+def configurations(schedule, weight_decay: float, with_plain: bool, rounding_seed: int = 0) -> dict:
     """name -> (optimizer, weights in bfloat16?)."""
     configs = {"fp32": (adamw(schedule, weight_decay), False)}
     for name, rounding in ROUNDINGS.items():
-        tx = varjax.low_precision_weights(adamw(schedule, weight_decay), rounding, seed=0)
+        tx = varjax.low_precision_weights(
+            adamw(schedule, weight_decay), rounding, seed=rounding_seed
+        )
         configs[name] = (tx, True)
     if with_plain:
         configs["bf16_optax"] = (adamw(schedule, weight_decay), True)
@@ -245,6 +247,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated subset of configurations")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--rounding-seed", type=int, default=0, help="stochastic rounding's")
     args = parser.parse_args()
 
     defaults = DEFAULTS[args.task]
@@ -255,7 +258,7 @@ def main() -> None:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, args.steps, end_value=lr / 10)
     task = build_task(args.task, tiny=args.tiny)
     task16 = bf16_task(task)
-    configs = configurations(schedule, args.weight_decay, args.with_plain)
+    configs = configurations(schedule, args.weight_decay, args.with_plain, args.rounding_seed)
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
 
@@ -293,7 +296,8 @@ def main() -> None:
         + " ".join(
             f"--{k.replace('_', '-')} {v}"
             for k, v in vars(args).items()
-            if k in ("steps", "seeds", "task", "eval_every", "tag") and v != ""
+            if k in ("steps", "seeds", "task", "eval_every", "tag", "only", "rounding_seed")
+            and v != ""
         )
         + (" --tiny" if args.tiny else ""),
         "machine": (
