@@ -67,6 +67,7 @@ def test_every_family_has_a_page(site):
         "rectification/index.html",
         "multi_ema/index.html",
         "quantization/index.html",
+        "precision/index.html",
         "noise/index.html",
         "weight_rescaling/index.html",
         "diagnostics/index.html",

@@ -37,6 +37,15 @@ from varjax.multi_ema import (
     scale_by_simplified_ademamix,
 )
 from varjax.noise import agvm, autoclip, quantile_clipping, scale_by_gsnr
+from varjax.precision import (
+    bf16_adamw,
+    bf16_adamw_8bit,
+    in_float32,
+    kahan_summation,
+    low_precision_weights,
+    split_mantissa,
+    stochastic_rounding,
+)
 from varjax.quantization import quantize_state
 from varjax.rectification import (
     cautious,
@@ -79,6 +88,8 @@ __all__ = [
     "adopt",
     "agvm",
     "autoclip",
+    "bf16_adamw",
+    "bf16_adamw_8bit",
     "cautious",
     "cautious_adamw",
     "diffgrad",
@@ -90,9 +101,12 @@ __all__ = [
     "igt",
     "igt_eval_params",
     "implicit_gradient_transport",
+    "in_float32",
+    "kahan_summation",
     "layer_index_rescaling",
     "lion_4bit",
     "lion_8bit",
+    "low_precision_weights",
     "mars_adamw",
     "mars_correction",
     "mars_lion",
@@ -122,7 +136,9 @@ __all__ = [
     "scale_by_simplified_ademamix",
     "scale_by_storm",
     "simplified_ademamix",
+    "split_mantissa",
     "state_bytes",
+    "stochastic_rounding",
     "storm",
     "target_variance_rescaling",
 ]
