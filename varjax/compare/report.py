@@ -22,6 +22,7 @@ import json
 import math
 import pathlib
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
@@ -275,8 +276,8 @@ def _limits(ax: Any, runs: Mapping[str, OptimizerRun]) -> None:
 
 def plot_sensitivity(tunings: Mapping[str, Tuning | None], path: pathlib.Path, title: str) -> None:
     """Final validation loss against learning rate (log axis), one line per tuned
-    optimizer, its best rate circled. The top of the plot is the loss before training:
-    a rate that ends above it, or diverges (a non-finite loss), is an ``x`` there."""
+    optimizer, its best rate circled. A rate that ends above the loss before training,
+    or diverges (a non-finite loss), is an ``x`` on the top edge."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,13 +285,19 @@ def plot_sensitivity(tunings: Mapping[str, Tuning | None], path: pathlib.Path, t
 
     tuned = {name: t for name, t in tunings.items() if t is not None}
     starts = [t.initial_valid for t in tuned.values() if math.isfinite(t.initial_valid)]
-    top = max(starts) if starts else 1.0
-    below = [p.valid for t in tuned.values() for p in t.points if math.isfinite(p.valid)]
+    start = max(starts) if starts else math.inf
+    below = [
+        p.valid
+        for t in tuned.values()
+        for p in t.points
+        if math.isfinite(p.valid) and p.valid <= start
+    ]
+    top = max(below) if below else (start if math.isfinite(start) else 1.0)
     low = min([*below, top])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, tuning) in enumerate(tuned.items()):
         style = {"color": f"C{i % 10}", "ls": ("-", "--", "-.", ":")[i % 4]}
-        good = [p for p in tuning.points if math.isfinite(p.valid) and p.valid <= top]
+        good = [p for p in tuning.points if math.isfinite(p.valid) and p.valid <= start]
         bad = [p.learning_rate for p in tuning.points if p not in good]
         ax.plot(
             [p.learning_rate for p in good], [p.valid for p in good], marker=".", label=name,
@@ -309,9 +316,12 @@ def plot_sensitivity(tunings: Mapping[str, Tuning | None], path: pathlib.Path, t
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(
-        title + "\ncircle: best rate; x at the top: diverged or above the loss before training",
-        fontsize=9,
-    )
+        "\n".join(
+            [*textwrap.wrap(title, 90), "circle: best rate; x at the top: diverged or above the "
+             "loss before training"]
+        ),
+        fontsize=8,
+    )  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
