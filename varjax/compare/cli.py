@@ -11,7 +11,7 @@ with status 2.
 ('regression', 100, 64, 5)
 >>> args = parse_args(["--preset", "gpu", "--tune"])
 >>> args.task, args.size, args.steps, args.batch_size, args.learning_rate, args.tune_steps
-('charlm', 'gpu', 1000, 32, 0.001, 1000)
+('charlm', 'gpu', 1000, 32, 0.0005, 1000)
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ optimizers:
   refused before training.
 
 default learning rates (when not given):
-  the task's AdamW rate (--learning-rate, 3e-3 for both tasks, 1e-3 for the gpu preset) times:
+  the task's AdamW rate (--learning-rate, 3e-3 for both tasks, 5e-4 for the gpu preset) times:
     1/3   sign updates: optax.lion, signum, sign_sgd, varjax.lion_8bit, lion_4bit, mars_lion
     3     orthogonalised updates: varjax.mars_shampoo, optax.contrib.muon
     1/100 summed momentum: simplified_ademamix (varjax and optax.contrib)
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LR",
         help=(
             "AdamW's learning rate, from which the others' defaults follow "
-            "(default: 3e-3; gpu preset: 1e-3)"
+            "(default: 3e-3; gpu preset: 5e-4)"
         ),
     )
     parser.add_argument(

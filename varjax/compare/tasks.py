@@ -119,10 +119,11 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         task="charlm",
         size="gpu",
-        defaults=TaskDefaults(learning_rate=1e-3, steps=1000, batch_size=32),
+        defaults=TaskDefaults(learning_rate=5e-4, steps=1000, batch_size=32),
         description=(
             "charlm at 25.5M parameters (8 blocks, d_model 512, 8 heads, context 256) on 30M "
-            "chars of the stdlib; 1000 steps of batch 32, AdamW rate 1e-3"
+            "chars of the stdlib; 1000 steps of batch 32, AdamW rate 5e-4 (constant, no "
+            "warm-up: at 1e-3 the first steps raise the loss)"
         ),
     ),
 }
