@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from varjax.compare.cli import main
+from varjax.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,9 +9,9 @@
 >>> [(row.optimizer, row.steps_to_baseline) for row in rows]
 [('adamw', 20), ('fast', 10)]
 >>> print(format_table(rows))  # doctest: +NORMALIZE_WHITESPACE
-optimizer           train loss  valid loss  steps to adamw  ms/step  state B/param
-adamw (baseline)    2.0000      2.5000      20              2.00     8.00
-fast                2.0000      2.0000      10              3.00     8.00
+optimizer         lr  train loss, last 10 steps  valid loss  steps to adamw  ms/step  state B/param
+adamw (baseline)  -   2.0000                     2.5000      20              2.00     8.00
+fast              -   2.0000                     2.0000      10              3.00     8.00
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import math
 import pathlib
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
@@ -29,12 +30,15 @@ from typing import Any, TextIO
 import numpy as np
 
 from varjax.compare.train import OptimizerRun
+from varjax.compare.tune import Tuning
 
 __all__ = [
     "ProgressBar",
     "Row",
+    "format_sensitivity",
     "format_table",
     "plot_curves",
+    "plot_sensitivity",
     "summarize",
     "write_csv",
     "write_json",
@@ -43,11 +47,18 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One optimizer's line of the table (losses: mean and standard deviation over seeds)."""
+    """One optimizer's line of the table (losses: mean and standard deviation over seeds).
+
+    ``train_mean`` is the mean training loss over the last ``train_window`` steps (the
+    last evaluation interval); ``valid_mean`` the validation loss after the last step;
+    ``tuned``: the learning rate is the best of a ``--tune`` grid.
+    """
 
     optimizer: str
     baseline: bool
     learning_rate: float | None
+    tuned: bool
+    train_window: int
     train_mean: float
     train_std: float
     valid_mean: float
@@ -75,11 +86,14 @@ def summarize(
     runs: Mapping[str, OptimizerRun],
     baseline: str,
     learning_rates: Mapping[str, float | None] | None = None,
+    tuned: frozenset[str] | set[str] = frozenset(),
 ) -> list[Row]:
-    """Table rows, in the order of ``runs``; ``baseline`` names the AdamW run."""
+    """Table rows, in the order of ``runs``; ``baseline`` names the AdamW run; ``tuned``
+    the optimizers whose learning rate came from a grid."""
     target = float(mean_curve(runs[baseline], "valid")[-1])
     rows = []
     for name, run in runs.items():
+        steps = run.curves[0].steps
         train = np.array([curve.train[-1] for curve in run.curves])
         valid = np.array([curve.valid[-1] for curve in run.curves])
         rows.append(
@@ -87,6 +101,8 @@ def summarize(
                 optimizer=name,
                 baseline=name == baseline,
                 learning_rate=(learning_rates or {}).get(name),
+                tuned=name in tuned,
+                train_window=steps[-1] - steps[-2] if len(steps) > 1 else 0,
                 train_mean=float(train.mean()),
                 train_std=float(train.std()),
                 valid_mean=float(valid.mean()),
@@ -104,12 +120,26 @@ def _loss(mean: float, std: float, seeds: int) -> str:
     return f"{mean:.4f}" if seeds == 1 else f"{mean:.4f} ± {std:.4f}"
 
 
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.3g}"
+
+
+def _columns(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *lines]
+    )
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """A plain-text table, one line per optimizer; the baseline is marked."""
+    """A plain-text table, one line per optimizer; the baseline is marked. The training
+    loss is the mean over the last evaluation interval, the validation loss the final one."""
     baseline = next(row.optimizer for row in rows if row.baseline)
     header = [
         "optimizer",
-        "train loss",
+        "tuned lr" if any(row.tuned for row in rows) else "lr",
+        f"train loss, last {rows[0].train_window} steps",
         "valid loss",
         f"steps to {baseline}",
         "ms/step",
@@ -118,6 +148,7 @@ def format_table(rows: Sequence[Row]) -> str:
     lines = [
         [
             row.optimizer + (" (baseline)" if row.baseline else ""),
+            _rate(row.learning_rate),
             _loss(row.train_mean, row.train_std, row.seeds),
             _loss(row.valid_mean, row.valid_std, row.seeds),
             "-" if row.steps_to_baseline is None else str(row.steps_to_baseline),
@@ -126,11 +157,35 @@ def format_table(rows: Sequence[Row]) -> str:
         ]
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in [header, *lines]
+    return _columns(header, lines)
+
+
+def format_sensitivity(tunings: Mapping[str, Tuning | None]) -> str:
+    """Final validation loss (mean over seeds) at each rate of each optimizer's grid, by
+    the rate's factor from the optimizer's default; the best is marked ``*``.
+
+    >>> from varjax.compare.tune import GridPoint
+    >>> grid = [GridPoint(1e-3, 2.5, [2.5], 2.4), GridPoint(3e-3, 2.1, [2.1], 2.0)]
+    >>> print(format_sensitivity({"adamw": Tuning(1e-3, grid, 3e-3, 100, 4.8)}))
+    optimizer  default lr  x1      x3
+    adamw      0.001       2.5000  2.1000*
+    """
+    tuned = {name: t for name, t in tunings.items() if t is not None}
+    if not tuned:
+        return ""
+    factors = sorted(
+        {f"{p.learning_rate / t.default_rate:.2g}" for t in tuned.values() for p in t.points},
+        key=float,
     )
+    header = ["optimizer", "default lr", *(f"x{f}" for f in factors)]
+    lines = []
+    for name, tuning in tuned.items():
+        cells = dict.fromkeys(factors, "")
+        for point in tuning.points:
+            mark = "*" if point.learning_rate == tuning.best_rate else ""
+            cells[f"{point.learning_rate / tuning.default_rate:.2g}"] = f"{point.valid:.4f}{mark}"
+        lines.append([name, _rate(tuning.default_rate), *cells.values()])
+    return _columns(header, lines)
 
 
 def write_csv(rows: Sequence[Row], path: pathlib.Path) -> None:
@@ -188,7 +243,7 @@ def plot_curves(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (mean over seeds; shade: min to max)")
-    _zoom(axes[0], runs)
+    _limits(axes[0], runs)
     axes[1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -196,19 +251,80 @@ def plot_curves(
     plt.close(fig)
 
 
-def _zoom(ax: Any, runs: Mapping[str, OptimizerRun]) -> None:
-    """Leave the loss at initialisation (step 0) above the y axis, so that it does not
-    flatten the rest of the curves."""
-    later = [
+def _limits(ax: Any, runs: Mapping[str, OptimizerRun]) -> None:
+    """From just below the lowest loss to just above the highest loss at step 0, which is
+    drawn; a run that diverges above its starting loss leaves the top of the plot."""
+    values = [
         v
         for run in runs.values()
         for curve in run.curves
-        for v in curve.train[1:] + curve.valid[1:]
+        for v in curve.train + curve.valid
         if math.isfinite(v)
     ]
-    if later and max(later) > min(later):
-        low, high = min(later), max(later)
-        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    starts = [
+        v
+        for run in runs.values()
+        for curve in run.curves
+        for v in (curve.train[0], curve.valid[0])
+        if math.isfinite(v)
+    ]
+    if values and starts:
+        low, high = min(values), max(starts)
+        if high > low:
+            ax.set_ylim(low - 0.04 * (high - low), high + 0.04 * (high - low))
+
+
+def plot_sensitivity(tunings: Mapping[str, Tuning | None], path: pathlib.Path, title: str) -> None:
+    """Final validation loss against learning rate (log axis), one line per tuned
+    optimizer, its best rate circled. A rate that ends above the loss before training,
+    or diverges (a non-finite loss), is an ``x`` on the top edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuned = {name: t for name, t in tunings.items() if t is not None}
+    starts = [t.initial_valid for t in tuned.values() if math.isfinite(t.initial_valid)]
+    start = max(starts) if starts else math.inf
+    below = [
+        p.valid
+        for t in tuned.values()
+        for p in t.points
+        if math.isfinite(p.valid) and p.valid <= start
+    ]
+    top = max(below) if below else (start if math.isfinite(start) else 1.0)
+    low = min([*below, top])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, tuning) in enumerate(tuned.items()):
+        style = {"color": f"C{i % 10}", "ls": ("-", "--", "-.", ":")[i % 4]}
+        good = [p for p in tuning.points if math.isfinite(p.valid) and p.valid <= start]
+        bad = [p.learning_rate for p in tuning.points if p not in good]
+        ax.plot(
+            [p.learning_rate for p in good], [p.valid for p in good], marker=".", label=name,
+            **style,
+        )  # fmt: skip
+        if bad:
+            ax.plot(bad, [top] * len(bad), "x", color=style["color"], ms=8)
+        best = [p for p in good if p.learning_rate == tuning.best_rate]
+        if best:
+            ax.plot([best[0].learning_rate], [best[0].valid], "o", mfc="none", ms=10, **style)
+    ax.set_xscale("log")
+    if top > low:
+        ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss (mean over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(
+        "\n".join(
+            [*textwrap.wrap(title, 90), "circle: best rate; x at the top: diverged or above the "
+             "loss before training"]
+        ),
+        fontsize=8,
+    )  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 class ProgressBar:

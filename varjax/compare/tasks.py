@@ -38,9 +38,13 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
+    "CHARLM_SIZES",
     "DEFAULTS",
+    "PRESETS",
     "TASKS",
+    "CharLMSize",
     "CharTransformer",
+    "Preset",
     "Task",
     "TaskDefaults",
     "build_task",
@@ -61,12 +65,67 @@ class TaskDefaults:
     learning_rate: float
     steps: int
     batch_size: int
-    eval_every: int
 
 
 DEFAULTS: dict[str, TaskDefaults] = {
-    "charlm": TaskDefaults(learning_rate=3e-3, steps=600, batch_size=32, eval_every=50),
-    "regression": TaskDefaults(learning_rate=3e-3, steps=600, batch_size=64, eval_every=50),
+    "charlm": TaskDefaults(learning_rate=3e-3, steps=600, batch_size=32),
+    "regression": TaskDefaults(learning_rate=3e-3, steps=600, batch_size=64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CharLMSize:
+    """The shape of the ``charlm`` model and its data."""
+
+    context: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    max_chars: int
+    n_eval: int
+
+    def n_params(self) -> int:
+        """Embeddings, ``n_layers`` blocks (two norms, ``qkv``, ``proj``, 4x MLP), norm, head.
+
+        >>> CHARLM_SIZES["default"].n_params()
+        120704
+        """
+        d = self.d_model
+        block = (
+            2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+        )
+        return (VOCAB + self.context) * d + self.n_layers * block + 2 * d + d * VOCAB + VOCAB
+
+
+CHARLM_SIZES: dict[str, CharLMSize] = {
+    "tiny": CharLMSize(32, 32, 1, 2, max_chars=200_000, n_eval=32),
+    "default": CharLMSize(64, 64, 2, 4, max_chars=3_000_000, n_eval=256),
+    # about 25M parameters for an accelerator; the standard library's ~30M characters
+    "gpu": CharLMSize(256, 512, 8, 8, max_chars=30_000_000, n_eval=512),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named set of command-line defaults: a task, its size and its training budget."""
+
+    task: str
+    size: str
+    defaults: TaskDefaults
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "gpu": Preset(
+        task="charlm",
+        size="gpu",
+        defaults=TaskDefaults(learning_rate=5e-4, steps=1000, batch_size=32),
+        description=(
+            "charlm at 25.5M parameters (8 blocks, d_model 512, 8 heads, context 256) on 30M "
+            "chars of the stdlib; 1000 steps of batch 32, AdamW rate 5e-4 (constant, no "
+            "warm-up: at 1e-3 the first steps raise the loss)"
+        ),
+    ),
 }
 TASKS = tuple(DEFAULTS)
 
@@ -91,10 +150,13 @@ class Task:
     info: dict[str, Any]
 
 
-def build_task(name: str, *, tiny: bool = False) -> Task:
-    """The task called ``name`` (one of :data:`TASKS`); ``tiny`` shrinks model and data."""
+def build_task(name: str, *, tiny: bool = False, size: str | None = None) -> Task:
+    """The task called ``name`` (one of :data:`TASKS`); ``tiny`` shrinks model and data;
+    ``size`` names one of :data:`CHARLM_SIZES` (``charlm`` only; it overrides ``tiny``)."""
     if name == "charlm":
-        return charlm_task(tiny=tiny)
+        return charlm_task(size or ("tiny" if tiny else "default"))
+    if size is not None:
+        raise ValueError(f"size {size!r}: only the charlm task has sizes")
     if name == "regression":
         return regression_task(tiny=tiny)
     raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
@@ -197,10 +259,17 @@ def _windows(tokens: jax.Array, starts: jax.Array, length: int) -> jax.Array:
     return window.astype(jnp.int32)
 
 
-def charlm_task(*, tiny: bool = False) -> Task:
-    """Next-character prediction on the standard library's source (nats per character)."""
-    context, d_model, n_layers, n_heads = (32, 32, 1, 2) if tiny else (64, 64, 2, 4)
-    max_chars, n_eval = (200_000, 32) if tiny else (3_000_000, 256)
+def charlm_task(size: str = "default") -> Task:
+    """Next-character prediction on the standard library's source (nats per character);
+    ``size`` is one of :data:`CHARLM_SIZES`."""
+    shape = CHARLM_SIZES[size]
+    context, d_model, n_layers, n_heads = (
+        shape.context,
+        shape.d_model,
+        shape.n_layers,
+        shape.n_heads,
+    )
+    max_chars, n_eval = shape.max_chars, shape.n_eval
     tokens = encode_ascii(stdlib_text(max_chars))
     split = len(tokens) * 9 // 10
     train, valid = tokens[:split], tokens[split:]
@@ -245,6 +314,7 @@ def charlm_task(*, tiny: bool = False) -> Task:
             "n_layers": n_layers,
             "n_heads": n_heads,
             "vocab": VOCAB,
+            "size": size,
             "loss": "cross-entropy, nats per character",
         },
     )

@@ -32,7 +32,7 @@ import optax
 import varjax
 from varjax.compare.tasks import Params, Task
 
-__all__ = ["Curve", "OptimizerRun", "check_optimizer", "train"]
+__all__ = ["Curve", "OptimizerRun", "RateTrainer", "check_optimizer", "train"]
 
 # progress(steps done in this run, seed, validation loss so far)
 Progress = Callable[[int, int, float], None]
@@ -86,20 +86,25 @@ def check_optimizer(task: Task, tx: optax.GradientTransformation) -> None:
     jax.eval_shape(one_step, params)
 
 
-def _chunk_fn(task: Task, tx: optax.GradientTransformation, batch_size: int, length: int):
-    """``(params, state, data, key, start) -> (params, state, losses)``: ``length`` steps."""
+# makes the optimizer from its learning rate (a traced scalar when the rate is an argument)
+MakeTx = Callable[[Any], optax.GradientTransformation]
 
-    def step(carry: tuple[Params, Any], index: jax.Array, data: Any, key: jax.Array):
+
+def _chunk_fn(task: Task, make_tx: MakeTx, batch_size: int, length: int):
+    """``(params, state, data, key, start, rate) -> (params, state, losses)``: ``length``
+    steps of ``make_tx(rate)``."""
+
+    def step(carry: tuple[Params, Any], index: jax.Array, data: Any, key: jax.Array, rate: Any):
         params, state = carry
         batch = task.sample_batch(data, jax.random.fold_in(key, index), batch_size)
         loss, grads = jax.value_and_grad(task.loss)(params, batch)
-        updates, state = tx.update(grads, state, params)
+        updates, state = make_tx(rate).update(grads, state, params)
         return (optax.apply_updates(params, updates), state), loss
 
-    def chunk(params: Params, state: Any, data: Any, key: jax.Array, start: jax.Array):
+    def chunk(params: Params, state: Any, data: Any, key: jax.Array, start: jax.Array, rate: Any):
         indices = start + jnp.arange(length)
         (params, state), losses = jax.lax.scan(
-            lambda carry, i: step(carry, i, data, key), (params, state), indices
+            lambda carry, i: step(carry, i, data, key, rate), (params, state), indices
         )
         return params, state, losses
 
@@ -125,6 +130,7 @@ def _train_seed(
     compiled: dict[int, Any],
     lengths: list[int],
     seed: int,
+    rate: Any,
     timings: list[float],
     progress: Progress | None,
 ) -> Curve:
@@ -137,7 +143,7 @@ def _train_seed(
     for n in lengths:
         tic = time.perf_counter()
         params, state, losses = jax.block_until_ready(
-            compiled[n](params, state, task.train_data, key, jnp.int32(done))
+            compiled[n](params, state, task.train_data, key, jnp.int32(done), rate)
         )
         timings.append((time.perf_counter() - tic) / n)
         if done == 0:
@@ -149,6 +155,52 @@ def _train_seed(
         if progress is not None:
             progress(done, seed, curve.valid[-1])
     return curve
+
+
+@dataclasses.dataclass
+class _Program:
+    """An optimizer's compiled chunks and state initialisation, for one or all rates."""
+
+    compiled: dict[int, Any]
+    init: Callable[[Params], Any]
+    compile_seconds: float
+    state_bytes: int
+
+
+def _program(
+    task: Task, make_tx: MakeTx, rate: Any, lengths: list[int], batch_size: int, seed: int
+) -> _Program:
+    params0 = task.init_params(seed)
+    init = jax.jit(lambda params: make_tx(rate).init(params))
+    state0 = init(params0)
+    example = (params0, state0, task.train_data, jax.random.key(seed), jnp.int32(0), rate)
+    start = time.perf_counter()
+    compiled = _compile(lambda n: _chunk_fn(task, make_tx, batch_size, n), lengths, example)
+    return _Program(compiled, init, time.perf_counter() - start, varjax.state_bytes(state0))
+
+
+def _run(
+    task: Task,
+    program: _Program,
+    lengths: list[int],
+    seeds: Sequence[int],
+    rate: Any,
+    progress: Progress | None,
+    compile_seconds: float,
+) -> OptimizerRun:
+    timings: list[float] = []
+    curves = [
+        _train_seed(task, program.init, program.compiled, lengths, s, rate, timings, progress)
+        for s in seeds
+    ]
+    timed = timings[1:] or timings  # leave out the first call
+    return OptimizerRun(
+        curves=curves,
+        ms_per_step=1000 * statistics.median(timed),
+        compile_seconds=compile_seconds,
+        state_bytes=program.state_bytes,
+        n_params=task.n_params,
+    )
 
 
 def train(
@@ -163,20 +215,81 @@ def train(
 ) -> OptimizerRun:
     """Train ``task`` with ``tx`` for ``steps`` steps from each seed; see the module doc."""
     lengths = _chunk_lengths(steps, eval_every)
-    init = jax.jit(tx.init)
-    params0 = task.init_params(seeds[0])
-    state0 = init(params0)
-    example = (params0, state0, task.train_data, jax.random.key(seeds[0]), jnp.int32(0))
-    start = time.perf_counter()
-    compiled = _compile(lambda n: _chunk_fn(task, tx, batch_size, n), lengths, example)
-    compile_seconds = time.perf_counter() - start
-    timings: list[float] = []
-    curves = [_train_seed(task, init, compiled, lengths, s, timings, progress) for s in seeds]
-    timed = timings[1:] or timings  # leave out the first call
-    return OptimizerRun(
-        curves=curves,
-        ms_per_step=1000 * statistics.median(timed),
-        compile_seconds=compile_seconds,
-        state_bytes=varjax.state_bytes(state0),
-        n_params=task.n_params,
-    )
+    rate = jnp.float32(0)  # unused: tx has its own
+    program = _program(task, lambda _: tx, rate, lengths, batch_size, seeds[0])
+    return _run(task, program, lengths, seeds, rate, progress, program.compile_seconds)
+
+
+class RateTrainer:
+    """Trains one optimizer at several learning rates, compiling once where it can.
+
+    ``make_tx(rate)`` builds the optimizer. The rate is first tried as a traced
+    argument of one compiled program shared by every rate; an optimizer whose
+    factory needs a concrete rate (it compares it in Python, say) is compiled
+    again for each rate instead. ``shared`` says which happened.
+
+    >>> import optax
+    >>> from varjax.compare.tasks import build_task
+    >>> task = build_task("regression", tiny=True)
+    >>> trainer = RateTrainer(task, optax.adam, steps=20, batch_size=16, eval_every=10, seeds=[0])
+    >>> runs = [trainer(rate) for rate in (1e-3, 1e-2)]
+    >>> trainer.shared, runs[1].compile_seconds
+    (True, 0.0)
+    >>> runs[1].curves[0].valid[-1] < runs[0].curves[0].valid[-1]
+    True
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        make_tx: MakeTx,
+        *,
+        steps: int,
+        batch_size: int,
+        eval_every: int,
+        seeds: Sequence[int],
+    ) -> None:
+        self.task, self.make_tx, self.seeds = task, make_tx, list(seeds)
+        self.batch_size = batch_size
+        self.lengths = _chunk_lengths(steps, eval_every)
+        self.program: _Program | None = None
+        self.shared: bool | None = None  # None: not known until the first call
+
+    def __call__(self, rate: float, progress: Progress | None = None) -> OptimizerRun:
+        """Train at learning rate ``rate`` from each seed."""
+        if self.shared is None:
+            try:
+                self.program = _program(
+                    self.task,
+                    self.make_tx,
+                    jnp.float32(rate),
+                    self.lengths,
+                    self.batch_size,
+                    self.seeds[0],
+                )
+                self.shared = True
+                compile_seconds = self.program.compile_seconds
+            except (jax.errors.JAXTypeError, TypeError, ValueError):
+                self.shared = False  # the factory wants a concrete rate
+        elif self.shared:
+            compile_seconds = 0.0
+        if self.shared:
+            assert self.program is not None
+            return _run(
+                self.task,
+                self.program,
+                self.lengths,
+                self.seeds,
+                jnp.float32(rate),
+                progress,
+                compile_seconds,
+            )
+        return train(
+            self.task,
+            self.make_tx(rate),
+            steps=sum(self.lengths),
+            batch_size=self.batch_size,
+            eval_every=self.lengths[0],
+            seeds=self.seeds,
+            progress=progress,
+        )
