@@ -41,7 +41,7 @@ TRANSFORMS = {
     "rmsprop": lambda: optax.rmsprop(1e-3),
     "rmsprop_centered": lambda: optax.rmsprop(1e-3, centered=True),
     "adagrad": lambda: optax.adagrad(3e-2),
-    "sgd_momentum": lambda: optax.sgd(0.3, momentum=0.9),
+    "sgd_momentum": lambda: optax.sgd(0.03, momentum=0.9),
     "adabelief": lambda: optax.adabelief(3e-3),
     "yogi": lambda: optax.yogi(3e-3),
     "lamb": lambda: optax.lamb(3e-3),
@@ -65,7 +65,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke run")
-    parser.add_argument("--only", default="", help="comma-separated names (default: all)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated names (default: all); their rows replace those of an earlier run",
+    )
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -114,6 +118,12 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quantized_roles_{device.platform}"
+    if args.only and stem.with_suffix(".json").exists():  # keep the other rows
+        earlier = json.loads(stem.with_suffix(".json").read_text())["rows"]
+        fresh = {r["transform"]: r for r in rows}
+        rows = [fresh.pop(r["transform"], r) for r in earlier] + list(fresh.values())
+        record["rows"] = rows
+        record["rerun"] = {"names": names, "date": machine["date"]}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"# quantize_state around Optax transforms ({args.task}, {args.steps} steps, seed "
