@@ -60,17 +60,24 @@ def _take(table: np.ndarray | jax.Array, index: jax.Array, mode="promise_in_boun
 # 8-bit step 1.4x slower, so each platform gets its own.
 
 
-def _scaled_in_blocks(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
-    """``x / absmax`` of each block, clipped to [-1, 1], and the absmax (block layout)."""
+def _scaled_in_blocks(
+    x: jax.Array, block_size: int, absmax: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``x / absmax`` of each block, clipped to [-1, 1], and the absmax (block layout);
+    ``absmax`` is computed from ``x`` unless given."""
     blocks = _blocks(x, block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    if absmax is None:
+        absmax = jnp.max(jnp.abs(blocks), axis=-1)
     scaled = jnp.clip(blocks * (1.0 / jnp.maximum(absmax, TINY))[..., None], -1.0, 1.0)
     return _unblocked(scaled, x.shape[-1]), absmax
 
 
-def _scaled_in_windows(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+def _scaled_in_windows(
+    x: jax.Array, block_size: int, absmax: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """As :func:`_scaled_in_blocks`, in the CPU layout (no padded copy)."""
-    absmax = _block_absmax(x, block_size)
+    if absmax is None:
+        absmax = _block_absmax(x, block_size)
     inverse = _per_element(1.0 / jnp.maximum(absmax, TINY), block_size, x.shape[-1])
     return jnp.clip(x * inverse, -1.0, 1.0), absmax
 
@@ -213,6 +220,7 @@ def quantize_blockwise(
     block_size: int = 256,
     *,
     key: jax.Array | None = None,
+    absmax: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Codes (uint8, shaped like ``x``) and per-block absmax (float32, ``(*leading, n_blocks)``).
 
@@ -221,6 +229,8 @@ def quantize_blockwise(
     bitsandbytes' ``quantize_blockwise``; for a 1-D array, or one whose last axis
     is a multiple of ``block_size``, the codes and absmax equal bitsandbytes'.
     With a PRNG ``key`` the rounding is stochastic instead (:func:`stochastic_index`).
+    A given ``absmax`` (as :func:`block_absmax` of ``x``) is used instead of reducing ``x``
+    again, so the codes can be made in one elementwise pass after the reduction.
 
     Args:
       x: the values, any float array (scalars are taken as shape ``(1,)``).
@@ -245,15 +255,33 @@ def quantize_blockwise(
         code = jnp.asarray(code, jnp.float32)
     shape = jnp.shape(x)
     x = jnp.atleast_1d(jnp.asarray(x, jnp.float32))
-    blocks = functools.partial(_scaled_in_blocks, block_size=block_size)
+    given = () if absmax is None else (jnp.asarray(absmax, jnp.float32),)
+
+    def blocks(x, *given):
+        return _scaled_in_blocks(x, block_size, *given)
+
     if key is None:
-        windows = functools.partial(_scaled_in_windows, block_size=block_size)
-        scaled, absmax = jax.lax.platform_dependent(x, cpu=windows, default=blocks)
+
+        def windows(x, *given):
+            return _scaled_in_windows(x, block_size, *given)
+
+        scaled, absmax = jax.lax.platform_dependent(x, *given, cpu=windows, default=blocks)
         index = nearest_index(scaled, code)
     else:  # one layout everywhere, so that the random draws agree across platforms
-        scaled, absmax = blocks(x)
+        scaled, absmax = blocks(x, *given)
         index = stochastic_index(scaled, code, key)
     return index.astype(jnp.uint8).reshape(shape), absmax
+
+
+def block_absmax(x: jax.Array, block_size: int = 256) -> jax.Array:
+    """The absmax that :func:`quantize_blockwise` computes for ``x``, alone: float32,
+    ``(*leading, n_blocks)``, equal bit for bit in either layout (a max is exact)."""
+    x = jnp.atleast_1d(jnp.asarray(x, jnp.float32))
+    return jax.lax.platform_dependent(
+        x,
+        cpu=functools.partial(_block_absmax, block_size=block_size),
+        default=lambda x: jnp.max(jnp.abs(_blocks(x, block_size)), axis=-1),
+    )
 
 
 def pack_4bit(codes: jax.Array) -> jax.Array:

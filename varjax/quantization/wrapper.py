@@ -16,6 +16,7 @@ import optax
 
 from varjax import roles as roles_lib
 from varjax.quantization.blockwise import (
+    block_absmax,
     dequantize_blockwise,
     pack_4bit,
     quantize_blockwise,
@@ -193,9 +194,12 @@ def _compress(codec: _Codec, tree: PyTree, key: jax.Array | None) -> PyTree:
             continue
         value = x.get_value() if _is_value_holder(x) else x  # a Flax NNX Variable holds it
         leaf_key = None if key is None else jax.random.fold_in(key, i)
-        codes, absmax = quantize_blockwise(
-            value, codec.code(signed), codec.block_size, key=leaf_key
-        )
+        code = codec.code(signed)
+        # times a one from behind a barrier: in a jitted init the inner state's zeros are
+        # then made inside the quantizing loop, never stored in float32, where XLA would
+        # constant-fold them (34 s of compilation for one 4096x4096 leaf on CPU)
+        value = value * jax.lax.optimization_barrier(jnp.ones((), value.dtype))
+        codes, absmax = quantize_blockwise(value, code, codec.block_size, key=leaf_key)
         if codec.bits == 4:
             codes = pack_4bit(codes)
         out.append(QuantizedArray(codes, absmax, signed, codec.bits, tuple(value.shape)))
@@ -217,8 +221,8 @@ def _expand(codec: _Codec, tree: PyTree) -> PyTree:
     return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
 
 
-def _all_absmax_finite(tree: PyTree) -> jax.Array:
-    """Whether the absmax of every :class:`QuantizedArray` in ``tree`` is finite.
+def _all_absmax_finite(absmaxes: list[jax.Array]) -> jax.Array:
+    """Whether every element of the block absmax arrays ``absmaxes`` is finite.
 
     On one device all of them are checked at once, in one small kernel: one check
     per leaf added 241 kernels and 0.41 ms of summed kernel time to an 8-bit AdamW
@@ -226,11 +230,92 @@ def _all_absmax_finite(tree: PyTree) -> jax.Array:
     0.11 ms. Over several devices each leaf is checked where it lies, since joining
     sharded arrays would gather them.
     """
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
-    absmaxes = [x.absmax for x in leaves if isinstance(x, QuantizedArray)]
     if len(absmaxes) > 1 and jax.device_count() == 1:
         absmaxes = [jnp.concatenate([jnp.ravel(a) for a in absmaxes])]
     return all_finite(absmaxes)
+
+
+# Whether update_fn computes the new inner state twice (see update_fn); ``None``: on
+# every platform but the CPU. On a GPU, XLA fuses the first pass (moment update and
+# block max) into one reduction that writes only the absmax. XLA:CPU fuses neither a
+# reduce-window nor a reduce with what computes its operand, so there the first pass
+# writes the new moments anyway and the second pass only adds temporaries (at 4096x4096,
+# adamw_8bit: 24.0 bytes of XLA temporaries per parameter against 8.1 in one pass).
+_TWO_PASSES: bool | None = None
+
+
+def _use_two_passes() -> bool:
+    return jax.default_backend() != "cpu" if _TWO_PASSES is None else _TWO_PASSES
+
+
+def _leaves_with_stored(stored: PyTree, new: PyTree) -> tuple[list, list, Any]:
+    """The leaves of a new inner state (a Flax NNX ``Variable`` counts as one), the
+    stored leaves at the same places (a :class:`QuantizedArray` where the leaf is kept
+    quantized), and the new state's treedef."""
+    leaves, treedef = jax.tree_util.tree_flatten(new, is_leaf=_is_value_holder)
+    return leaves, treedef.flatten_up_to(stored), treedef
+
+
+def _value(x: Any) -> Any:
+    return x.get_value() if _is_value_holder(x) else x  # a Flax NNX Variable holds it
+
+
+def _new_absmax(codec: _Codec, stored: PyTree, new: PyTree) -> list[jax.Array | None]:
+    """The block absmax of each leaf of the new inner state ``new`` that ``stored`` keeps
+    quantized (``None`` for the others), in the order of ``new``'s leaves.
+
+    Only these reductions of the new state are used, so XLA can fuse the elementwise
+    moment update into them and never write the new moments in float32; the step then
+    computes them a second time to encode them (:func:`_encode`).
+    """
+    leaves, stored_leaves, _ = _leaves_with_stored(stored, new)
+    return [
+        block_absmax(_value(x), codec.block_size) if isinstance(old, QuantizedArray) else None
+        for x, old in zip(leaves, stored_leaves, strict=True)
+    ]
+
+
+def _encode(
+    codec: _Codec,
+    stored: PyTree,
+    new: PyTree,
+    absmax: list[jax.Array | None],
+    finite: jax.Array,
+    key: jax.Array | None,
+) -> PyTree:
+    """The stored state after a step: each leaf of ``new`` that ``stored`` keeps quantized
+    encoded with its block ``absmax`` (from :func:`_new_absmax`), the others as they are,
+    where ``finite``; ``stored`` itself where not. The select is elementwise, so XLA fuses
+    it with the encoding."""
+    leaves, stored_leaves, treedef = _leaves_with_stored(stored, new)
+    out = []
+    for i, (x, old, amax) in enumerate(zip(leaves, stored_leaves, absmax, strict=True)):
+        if not isinstance(old, QuantizedArray):
+            out.append(jax.tree.map(lambda n, o: jnp.where(finite, n, o), x, old))
+            continue
+        leaf_key = None if key is None else jax.random.fold_in(key, i)
+        codes, _ = quantize_blockwise(
+            _value(x), codec.code(old.signed), codec.block_size, key=leaf_key, absmax=amax
+        )
+        if old.bits == 4:
+            codes = pack_4bit(codes)
+        codes = jnp.where(finite, codes, old.codes)
+        amax = jnp.where(finite, amax, old.absmax)
+        out.append(dataclasses.replace(old, codes=codes, absmax=amax))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _barrier(tree: PyTree) -> PyTree:
+    """``tree`` through one ``jax.lax.optimization_barrier`` over its array leaves (other
+    leaves, such as Python numbers among the extra arguments, pass as they are): what is
+    computed from the outputs is neither merged with what was computed from the inputs
+    (common-subexpression elimination) nor started before all the inputs exist."""
+    leaves, treedef = jax.tree.flatten(tree)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array | np.ndarray)]
+    held = jax.lax.optimization_barrier([leaves[i] for i in where])
+    for i, x in zip(where, held, strict=True):
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def all_finite(tree: PyTree) -> jax.Array:
@@ -455,24 +540,26 @@ def quantize_state(
             key, rounding_key = jax.random.split(jax.random.wrap_key_data(state.key))
             key = jax.random.key_data(key)
 
-        def step(quantized: PyTree) -> tuple[PyTree, PyTree]:
-            out, new_inner = inner.update(updates, expand(quantized), params, **extra_args)
-            out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
-            return out, compress(new_inner, rounding_key)
+        def step(inputs: tuple) -> tuple[PyTree, PyTree]:
+            grads, quantized, params, extra_args = inputs
+            out, new_inner = inner.update(grads, expand(quantized), params, **extra_args)
+            return jax.tree.map(lambda o, g: o.astype(g.dtype), out, grads), new_inner
 
-        def skip(quantized: PyTree) -> tuple[PyTree, PyTree]:
-            return jax.tree.map(jnp.zeros_like, updates), quantized
-
-        stepped = step(state.inner_state)
-        finite = all_finite(updates) & _all_absmax_finite(stepped[1])
-        try:  # outside jit, branch in Python
-            out, inner_state = stepped if bool(finite) else skip(state.inner_state)
-        except jax.errors.TracerBoolConversionError:
-            # under jit, select rather than lax.cond: XLA then fuses the step with
-            # what follows (on an H200 at 251M, 5.14 ms a step against 5.99 ms)
-            out, inner_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), stepped, skip(state.inner_state)
-            )
+        inputs = (updates, state.inner_state, params, extra_args)
+        out, new_inner = step(inputs)
+        absmax = _new_absmax(codec, state.inner_state, new_inner)
+        finite = all_finite(updates) & _all_absmax_finite([a for a in absmax if a is not None])
+        if _use_two_passes():
+            # Two passes over the same inputs, so that the full-precision new state is
+            # never stored: the first keeps only the new absmax of each quantized leaf,
+            # the second, on inputs behind a barrier (so that XLA does not merge the two),
+            # computes the state again and encodes it with that absmax.
+            inputs, absmax, finite = _barrier((inputs, absmax, finite))
+            out, new_inner = step(inputs)
+        inner_state = _encode(codec, inputs[1], new_inner, absmax, finite, rounding_key)
+        # a select rather than lax.cond: XLA then fuses the step with what follows (on an
+        # H200 at 251M, 5.14 ms a step against 5.99 ms)
+        out = jax.tree.map(lambda o: jnp.where(finite, o, jnp.zeros_like(o)), out)
         skipped = state.skipped + (1 - finite.astype(jnp.int32))
         return out, QuantizedState(inner_state, skipped, key, state.spec)
 
