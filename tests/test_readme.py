@@ -78,6 +78,7 @@ def test_methods_table_is_one_table_with_every_family_and_public_name() -> None:
         "multi-EMA",
         "variance reduction",
         "quantized state",
+        "low-precision weights",
         "noise-aware clipping",
         "noise-aware scaling",
         "weight rescaling",

@@ -549,6 +549,9 @@ def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation
     bfloat16 would round twice). Other leaves pass unchanged. Extra arguments
     are forwarded.
 
+    Args:
+      tx: the transform to run in float32.
+
     Example:
       >>> import jax.numpy as jnp, optax
       >>> from varjax.precision import in_float32
@@ -603,6 +606,15 @@ def low_precision_weights(
       rounding: one of ``"stochastic"``, ``"kahan"``, ``"split"``, ``"nearest"``.
       seed: the seed of the stochastic rounding key.
       compensation_dtype: the Kahan compensation's dtype (``None``: the weights').
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from varjax.precision import low_precision_weights
+      >>> tx = low_precision_weights(optax.adam(1e-3), "kahan")
+      >>> params = {"w": jnp.ones(4, jnp.bfloat16)}
+      >>> updates, _ = tx.update({"w": jnp.ones(4, jnp.bfloat16)}, tx.init(params), params)
+      >>> updates["w"].dtype  # float32, so that apply_updates lands on the rounded value
+      dtype('float32')
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
@@ -637,6 +649,17 @@ def bf16_adamw(
     stochastic rounding). Weights and state: 2 + 8 bytes a parameter (12 with
     ``"kahan"`` or ``"split"``), against 12 for AdamW on float32 weights.
 
+    Args:
+      learning_rate: the learning rate, a float or an ``optax.Schedule``.
+      b1: the decay of the first moment, in [0, 1).
+      b2: the decay of the second moment, in [0, 1).
+      eps: added to the root of the second moment, >= 0.
+      weight_decay: decoupled weight decay (AdamW's), >= 0, float or schedule.
+      mask: which leaves take weight decay, as in ``optax.adamw``.
+      rounding: how the new bfloat16 weights are rounded: ``"stochastic"``,
+        ``"kahan"``, ``"split"`` or ``"nearest"`` (:func:`low_precision_weights`).
+      seed: the seed of the stochastic rounding key.
+
     Example:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.bf16_adamw(1e-3, weight_decay=0.1)
@@ -656,8 +679,8 @@ def bf16_adamw_8bit(
     mask: MaskOrFn = None,
     rounding: Rounding = "stochastic",
     seed: int = 0,
-    block_size: int = 256,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``varjax.adamw_8bit`` for bfloat16 weights: about 4 bytes a parameter of
     weights and state (2 for the weights, 2 for the 8-bit moments, plus block
@@ -665,6 +688,20 @@ def bf16_adamw_8bit(
     ``"split"`` add 2. The new weights are rounded by ``rounding`` (see
     :func:`low_precision_weights`; default stochastic rounding). Leaves under
     ``min_size`` elements keep float32 moments.
+
+    Args:
+      learning_rate: the learning rate, a float or an ``optax.Schedule``.
+      b1: the decay of the first moment, in [0, 1).
+      b2: the decay of the second moment, in [0, 1).
+      eps: added to the root of the second moment, >= 0.
+      weight_decay: decoupled weight decay (AdamW's), >= 0, float or schedule.
+      mask: which leaves take weight decay, as in ``optax.adamw``.
+      rounding: how the new bfloat16 weights are rounded: ``"stochastic"``,
+        ``"kahan"``, ``"split"`` or ``"nearest"`` (:func:`low_precision_weights`).
+      seed: the seed of the stochastic rounding key.
+      block_size: entries per quantization block along the last axis; ``None``:
+        256.
+      min_size: leaves with fewer elements keep float32 moments; ``None``: 4096.
 
     Example:
       >>> import jax.numpy as jnp, varjax

@@ -240,6 +240,8 @@ def quantize_blockwise(
         absmax, >= 1 (256 as bitsandbytes' 8-bit optimizers).
       key: a PRNG key for unbiased stochastic rounding; ``None`` (default):
         round to the nearest entry.
+      absmax: the blocks' absmax, as :func:`block_absmax` gives it; ``None``
+        (default): reduced from ``x``.
 
     Returns:
       ``(codes, absmax)``.
