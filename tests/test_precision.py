@@ -23,6 +23,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -732,3 +733,17 @@ def test_random_bits_are_uniform_and_independent() -> None:
     assert np.array_equal(
         a, np.asarray(jax.jit(varjax.precision.random_bits, static_argnums=1)(key, (n,)))
     )
+
+
+@pytest.mark.parametrize("make", [varjax.bf16_adamw, varjax.bf16_adamw_8bit])
+def test_ready_names_inside_inject_hyperparams(make) -> None:
+    """Called the natural way (the seed and sizes are not traced into shapes). With
+    bfloat16 params ``hyperparam_dtype`` must be float32: in bfloat16, Optax's
+    default there, b2 = 0.999 rounds to 1 (``bf16_adamw`` then raises naming b2)."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 64 * 128, dtype=jnp.bfloat16).reshape(64, 128)}
+    grads = {"w": jnp.cos(jnp.arange(64 * 128.0)).reshape(64, 128).astype(jnp.bfloat16)}
+    injected = optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(learning_rate=1e-3)
+    plain = make(1e-3)
+    updates, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    expected, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    chex.assert_trees_all_equal(updates, expected)

@@ -287,7 +287,8 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
       >>> updates["w"].dtype, new["w"].dtype
       (dtype('float32'), dtype(bfloat16))
     """
-    seed = int(seed)
+    if not isinstance(seed, jax.Array):  # inside optax.inject_hyperparams it is an array
+        seed = int(seed)
 
     def init_fn(params: PyTree) -> StochasticRoundingState:
         del params
