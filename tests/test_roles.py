@@ -242,10 +242,16 @@ TOLERANCE = 2 * HALF_GAP
 # sign, a whole step of 2 * lr, so its path drifts further. D-Adaptation estimates
 # its step size from the moments, so their error enters the step size as well.
 LOOSER = {"lion": 3 * TOLERANCE, "dadapt_adamw": 3 * TOLERANCE}
+# the swapped-map run, one compile more, for one transform of each kind of state:
+# Adam's two moments, a momentum alone, factored and per-axis second moments, an
+# accumulated sum, COCOB's sums and Prodigy (the closest, 1.3x)
+SWAPPED = {"adam", "lion", "sgd_momentum", "adafactor", "sm3", "adagrad", "cocob", "prodigy"}
 
 
 @pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - {"sophia"}))
 def test_eight_bit_run_stays_near_float32_and_swapped_maps_do_not(name: str) -> None:
+    """Measured distances: 0.004 (RMSProp) to 0.07 (Prodigy), Lion 0.22, D-Adaptation
+    0.28; with the maps swapped, Adam-like transforms are 0.5 to 0.7 away."""
     make = TRANSFORMS[name]
     exact = _run(make())
     quantized = _run(varjax.quantize_state(make(), min_size=0))
@@ -253,6 +259,8 @@ def test_eight_bit_run_stays_near_float32_and_swapped_maps_do_not(name: str) -> 
     assert distance <= LOOSER.get(name, TOLERANCE), distance
     if name in NOTHING_QUANTIZED:  # only float32 rounding, differently fused
         assert distance <= 200 * np.finfo(np.float32).eps
+        return
+    if name not in SWAPPED:
         return
     swapped = _run(varjax.quantize_state(make(), min_size=0, roles=_swap_maps))
     # at least 1.25 times further (Prodigy: 1.3x; Adam and most others: 10x and more)
