@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -274,16 +274,3 @@ def resolve_override(override: RoleOverride) -> Callable[[KeyPath, Role | None],
         if not isinstance(role, Role):
             raise ValueError(f"roles: the role for {pattern!r} must be a Role, got {role!r}")
     return _PatternOverride(tuple(override.items()))
-
-
-def iter_state_types(module: Any) -> Iterator[type]:
-    """The NamedTuple state types a module defines (its ``...State`` classes)."""
-    for name in dir(module):
-        value = getattr(module, name)
-        if (
-            isinstance(value, type)
-            and name.endswith("State")
-            and value.__module__ == module.__name__
-            and hasattr(value, "_fields")
-        ):
-            yield value
