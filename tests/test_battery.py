@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+from checkpoints import orbax_round_trip
 from memory import donating_train_step
 
 import varjax
@@ -630,11 +630,7 @@ def test_masked(case: Case) -> None:
 def test_orbax_restore_continues_bit_identically(case: Case, tmp_path) -> None:
     grad_fn = random_grads()
     params, state = trajectory(case)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp_path / "state", {"params": params, "opt_state": state})
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state})
-    restored = checkpointer.restore(tmp_path / "state", target)
+    restored = orbax_round_trip(tmp_path / "state", {"params": params, "opt_state": state})
     assert_trees_equal(restored["opt_state"], state)
 
     step = donating_step(case)

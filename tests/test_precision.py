@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+from checkpoints import orbax_round_trip
 from host_devices import run_on_host_devices
 
 import varjax
@@ -613,11 +613,7 @@ def test_orbax_restore_continues_bit_identically(rounding: str, tmp_path) -> Non
         return p, s
 
     p, s = steps(params, tx.init(params), grads[:3])
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s})
-    restored = checkpointer.restore(tmp_path / "ckpt", target)
+    restored = orbax_round_trip(tmp_path / "ckpt", {"params": p, "opt_state": s})
     a = steps(p, s, grads[3:])
     b = steps(restored["params"], restored["opt_state"], grads[3:])
     assert jax.tree.structure(a) == jax.tree.structure(b)

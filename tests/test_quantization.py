@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import torch
+from checkpoints import orbax_round_trip
 from host_devices import run_on_host_devices
 from memory import donated_step_temporary_bytes
 from tolerances import assert_close
@@ -474,11 +474,7 @@ def test_stochastic_rounding_checkpoint_continues_identically(tmp_path) -> None:
         return params, state
 
     params, state = run(params, tx.init(params), grads[:3])
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp_path / "state", {"params": params, "state": state})
-    checkpointer.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "state": state})
-    restored = checkpointer.restore(tmp_path / "state", target)
+    restored = orbax_round_trip(tmp_path / "state", {"params": params, "state": state})
     expected = run(params, state, grads[3:])
     again = run(restored["params"], restored["state"], grads[3:])
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(again), strict=True):
