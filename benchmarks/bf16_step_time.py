@@ -19,7 +19,6 @@ Rerun (from the repository root; writes
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from step_time import Runner, machine, make_tree, shapes_for
+from step_time import Runner, machine, make_tree, shapes_for, write_results
 
 import varjax
 
@@ -116,12 +115,9 @@ def main() -> None:
         )
     table = "\n".join(lines) + "\n"
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bf16_step_time_{info['platform']}{args.tag}"
-    (args.out / f"{stem}.md").write_text(table)
     record = {"machine": info, "n_params": n, "args": vars(args) | {"out": str(args.out)}}
     record["rows"] = rows
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_results(args.out, f"bf16_step_time_{info['platform']}{args.tag}", table, record)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from step_time import machine, shapes_for
+from step_time import machine, shapes_for, write_results
 
 import varjax
 from varjax.quantization import quantize_state, wrapper
@@ -278,9 +278,6 @@ def main() -> None:
         raise SystemExit("every optimizer's process failed: " + rows[0].get("error", ""))
     table = to_markdown(info, rows, header)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"memory_{info['platform']}{args.tag}"
-    (args.out / f"{stem}.md").write_text(table)
     record = {
         "machine": info,
         "n_params": n_params,
@@ -288,7 +285,7 @@ def main() -> None:
         "rows": rows,
         "args": vars(args) | {"out": str(args.out)},
     }
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    write_results(args.out, f"memory_{info['platform']}{args.tag}", table, record)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,13 @@ def torch_peers(shapes: dict[str, tuple], repeats: int, steps: int) -> dict[str,
     return result
 
 
+def write_results(out: pathlib.Path, stem: str, table: str, record: dict[str, Any]) -> None:
+    """Write ``table`` to ``out/stem.md`` and ``record`` to ``out/stem.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
@@ -299,16 +306,13 @@ def main() -> None:
         )
     table = to_markdown(info, n_params, rows, args)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_time_{info['platform']}{args.tag}"
-    (args.out / f"{stem}.md").write_text(table)
     record = {
         "machine": info,
         "n_params": n_params,
         "rows": rows,
         "args": vars(args) | {"out": str(args.out)},
     }
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    write_results(args.out, f"step_time_{info['platform']}{args.tag}", table, record)
 
 
 if __name__ == "__main__":
