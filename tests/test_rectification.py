@@ -268,6 +268,28 @@ def test_adopt_matches_optax(nesterov: bool) -> None:
     assert_sequences_close(ours, theirs, rtol=1e-3, atol=1e-5)  # optax's drift, see above
 
 
+def test_adamp_nesterov_is_optax_nesterov_adam() -> None:
+    """One Nesterov convention (``varjax._base.nesterov_momentum``), Optax's: with no
+    projection (``delta=0``) and no weight decay, AdamP's Nesterov step is
+    ``optax.scale_by_adam(nesterov=True)``'s (NAdam). Compared in float64, where
+    Optax's ``1 - b1**t`` is exact. The official AdamP code's convention (both terms
+    over ``1 - b1**t``, varjax's before) gives 1.9 times the first gradient where
+    Optax's gives 1.47."""
+    grads = gradient_sequence(steps=20)
+    params = initial_params()
+    with jax.enable_x64(True):
+        ours = run_block(
+            varjax.scale_by_adamp(delta=0.0, nesterov=True), grads, params, jnp.float64
+        )
+        theirs = run_block(optax.scale_by_adam(nesterov=True), grads, params, jnp.float64)
+    for got, want in zip(ours, theirs, strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    first = run_block(varjax.scale_by_adamp(delta=0.0, nesterov=True), [[np.ones(3)]], [np.ones(3)])
+    # (b1 * (1 - b1) / (1 - b1**2) + (1 - b1) / (1 - b1)) / 1 at the first step, b1 = 0.9
+    np.testing.assert_allclose(first[0][0], 0.09 / 0.19 + 1.0, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------
 # 3. pytorch-optimizer peers
 # --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from varjax import roles
 from varjax._base import (
     AdaptiveState,
     PyTree,
+    ShapeWitness,
     abs_squared,
     adam_direction,
     adaptive_step,
@@ -40,7 +41,11 @@ from varjax._base import (
     ema,
     ema_squared,
     init_adaptive_state,
+    nesterov_momentum,
     scalar_float,
+    shape_witness,
+    trainable_leaves_only,
+    witness_shapes,
     zero_count,
 )
 from varjax.roles import Role
@@ -192,20 +197,17 @@ def scale_by_radam(
         del params
         new_state, mu_hat, nu_hat = adaptive_step(updates, state, b1, b2)
         if nesterov:
-            next_mu_hat = bias_correct(new_state.mu, b1, optax.safe_increment(new_state.count))
-            grad_hat = bias_correct(updates, b1, new_state.count)
-            mu_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, next_mu_hat, grad_hat)
+            mu_hat = nesterov_momentum(new_state.mu, updates, b1, new_state.count)
         r, rectified = rectification(new_state.count, b2, threshold)
+        scaled = jax.tree.map(lambda m: r.astype(m.dtype) * m, mu_hat)  # (r m) / d, as before
         out = jax.tree.map(
-            lambda m, v: jnp.where(
-                rectified, r.astype(m.dtype) * m / (jnp.sqrt(v + eps_root) + eps), m
-            ),
+            lambda d, m: jnp.where(rectified, d, m),
+            adam_direction(scaled, nu_hat, eps, eps_root),
             mu_hat,
-            nu_hat,
         )
         return cast_like(out, updates), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 @roles.declare(count=Role.COUNT, inner_state=Role.NESTED, mu=Role.SIGNED)
@@ -278,10 +280,11 @@ def rectify(
         updates: PyTree, state: RectifyState, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, RectifyState]:
         count = optax.safe_increment(state.count)
-        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         mu = state.mu
-        if fallback == "momentum":
+        if fallback == "momentum":  # before the inner transform, which may be Optax's
             check_same_structure(updates, mu, "rectify fallback momentum")
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        if fallback == "momentum":
             mu = ema(updates, mu, b1)
             not_rectified = bias_correct(mu, b1, count)
         elif fallback == "sgd":
@@ -297,7 +300,7 @@ def rectify(
         inner_state = cast_like(inner_state, state.inner_state)
         return cast_like(out, updates), RectifyState(count=count, inner_state=inner_state, mu=mu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def scale_by_adopt(
         new_state = ScaleByAdoptState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
         return cast_like(out, updates), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -451,7 +454,7 @@ def scale_by_grams(
         )
         return cast_like(out, updates), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 @roles.declare(adaptive=Role.NESTED, prev_grad=Role.EXACT)
@@ -516,7 +519,7 @@ def scale_by_diffgrad(
         prev_grad = cast_like(updates, state.prev_grad)
         return cast_like(out, updates), ScaleByDiffGradState(adaptive, prev_grad)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 def scale_by_adam_atan2(
@@ -572,7 +575,7 @@ def scale_by_adam_atan2(
         out = jax.tree.map(lambda m, v: a * jnp.arctan2(m, b * jnp.sqrt(v)), mu_hat, nu_hat)
         return cast_like(out, updates), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -654,7 +657,14 @@ def scale_by_adamp(
         is projected when its cosine with the gradient is below
         ``delta / sqrt(d)`` (0.1 as in the paper).
       wd_ratio: the factor on ``weight_decay`` for projected weights, >= 0.
-      nesterov: use Nesterov momentum in the step (the paper's option).
+      nesterov: use Nesterov momentum in the step (the paper's option), in
+        Optax's convention (:func:`varjax._base.nesterov_momentum`): with
+        ``delta=0`` and no weight decay this is ``optax.scale_by_adam(nesterov=True)``.
+        The official AdamP code divides both terms of the Nesterov momentum by
+        ``1 - b1^t``; Optax (and Dozat's NAdam) divide the momentum term by
+        ``1 - b1^(t+1)``, a difference that fades as ``b1^t`` does (at the first
+        step with ``b1=0.9`` the official momentum is 1.9 times the gradient
+        where Optax's is 1.47).
       amsgrad: use the running maximum of ``nu_hat`` (AMSGrad).
       mu_dtype: dtype of the first moment; ``None`` keeps the parameters' dtype.
 
@@ -680,15 +690,12 @@ def scale_by_adamp(
         updates: PyTree, state: AdaptiveState, params: PyTree | None = None
     ) -> tuple[PyTree, AdaptiveState]:
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(
+                "scale_by_adamp needs params in update(): its projection tests the weights"
+            )
         state, mu_hat, nu_hat = adaptive_step(updates, state, b1, b2)
         if nesterov:
-            grad_hat = bias_correct(updates, b1, state.count)
-            mu_hat = jax.tree.map(
-                lambda m, g: b1 * m + (1 - b1) * g,
-                bias_correct(state.mu, b1, state.count),
-                grad_hat,
-            )
+            mu_hat = nesterov_momentum(state.mu, updates, b1, state.count)
         steps = adam_direction(mu_hat, nu_hat, eps)
 
         def leaf(step: jax.Array, grad: jax.Array, param: jax.Array) -> jax.Array:
@@ -700,7 +707,7 @@ def scale_by_adamp(
         out = jax.tree.map(leaf, steps, updates, params)
         return cast_like(out, updates), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -708,11 +715,15 @@ def scale_by_adamp(
 # --------------------------------------------------------------------------
 
 
-@roles.declare(inner_state=Role.NESTED)
+@roles.declare(inner_state=Role.NESTED, shapes=Role.EXACT)
 class CautiousState(NamedTuple):
-    """State of :func:`cautious`: the inner transform's state."""
+    """State of :func:`cautious`: the inner transform's state, and ``shapes``, a
+    :class:`varjax._base.ShapeWitness` (the parameters' tree and shapes as static
+    data: no leaves, no bytes) that the gradient tree is checked against before
+    the inner transform sees it."""
 
     inner_state: optax.OptState
+    shapes: ShapeWitness
 
 
 def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -746,11 +757,12 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> CautiousState:
-        return CautiousState(inner_state=inner.init(params))
+        return CautiousState(inner_state=inner.init(params), shapes=shape_witness(params))
 
     def update_fn(
         updates: PyTree, state: CautiousState, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, CautiousState]:
+        check_same_structure(updates, witness_shapes(state.shapes), "optimizer state")
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         check_same_structure(updates, inner_updates, "inner transform's updates")
 
@@ -760,6 +772,6 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
             return u * keep * (keep.size / (jnp.sum(keep) + 1)).astype(u.dtype)
 
         inner_state = cast_like(inner_state, state.inner_state)
-        return jax.tree.map(mask, inner_updates, updates), CautiousState(inner_state)
+        return jax.tree.map(mask, inner_updates, updates), CautiousState(inner_state, state.shapes)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
