@@ -191,6 +191,15 @@ def test_simplified_ademamix_matches_reference_and_optax() -> None:
     assert_sequences_close(ours, theirs, rtol=1e-5, ulps=8)
 
 
+def test_simplified_ademamix_state_is_optax_size() -> None:
+    """One momentum, one second moment and one count, as Optax's (65,540 B for 8,192
+    float32 parameters; 98,312 B before, with a decay-0 EMA and a second count)."""
+    params = {"w": jnp.zeros(8192), "b": jnp.zeros((3, 5), jnp.bfloat16)}
+    ours = varjax.simplified_ademamix(1e-3).init(params)
+    theirs = optax.contrib.simplified_ademamix(1e-3).init(params)
+    assert varjax.state_bytes(ours) == varjax.state_bytes(theirs) == 4 + 2 * (4 * 8192 + 2 * 15)
+
+
 def test_simplified_ademamix_matches_pytorch_optimizer() -> None:
     shapes = [(7, 5), (13,), (1,)]
     grads, params = gradient_sequence(shapes=shapes), initial_params(shapes=shapes)

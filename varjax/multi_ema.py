@@ -24,15 +24,20 @@ import optax
 
 from varjax import roles
 from varjax._base import (
+    AdaptiveState,
     PyTree,
     ScalarOrSchedule,
+    adam_direction,
     bias_correct,
     cast_like,
+    check_integer,
     check_interval,
     check_same_structure,
     ema,
     ema_squared,
+    init_adaptive_state,
     resolve,
+    trainable_leaves_only,
     zero_count,
 )
 from varjax.roles import Role
@@ -122,7 +127,7 @@ def multi_ema(
         out = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *terms)
         return cast_like(out, updates), MultiEMAState(count=count, emas=tuple(emas))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 @roles.declare(count=Role.COUNT, numerator_state=Role.NESTED, nu=Role.NON_NEGATIVE)
@@ -188,11 +193,11 @@ def scale_by_second_moment(
         )
         nu = ema_squared(updates, state.nu, b2)
         nu_hat = bias_correct(nu, b2, count)
-        out = jax.tree.map(lambda n, v: n / (jnp.sqrt(v + eps_root) + eps), top, nu_hat)
+        out = adam_direction(top, nu_hat, eps, eps_root)
         numerator_state = cast_like(numerator_state, state.numerator_state)
         return cast_like(out, updates), SecondMomentState(count, numerator_state, nu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def scale_by_ademamix(
@@ -260,8 +265,10 @@ def scale_by_simplified_ademamix(
 
     One momentum that *sums* gradients, ``m = b1 m + g``, plus ``alpha`` times the
     current gradient, over Adam's denominator: ``(m + alpha g) / (sqrt(nu_hat) + eps)``.
-    The sum is the EMA scaled by ``1 / (1 - b1)``, so this is
-    ``scale_by_second_moment(multi_ema((b1, 0), (1 / (1 - b1), alpha), (False, False)), b2)``.
+    The sum is the EMA scaled by ``1 / (1 - b1)``: the same update as
+    ``scale_by_second_moment(multi_ema((b1, 0), (1 / (1 - b1), alpha), (False, False)), b2)``,
+    but with one momentum and one count in the state (an
+    :class:`varjax._base.AdaptiveState` without ``nu_max``), as many bytes as Optax's.
     Equal to :func:`optax.contrib.scale_by_simplified_ademamix` (same defaults).
     ``b1`` is a constant here; pytorch-optimizer's ``beta1_warmup`` is not offered.
     pytorch-optimizer's ``SimplifiedAdEMAMix`` differs twice: it keeps an EMA
@@ -288,9 +295,28 @@ def scale_by_simplified_ademamix(
       >>> state = tx.init({"w": jnp.zeros(3)})
     """
     check_interval("b1", b1, 0.0, 1.0, high_closed=False)
+    check_interval("b2", b2, 0.0, 1.0, high_closed=False)
     check_interval("alpha", alpha, 0.0)
-    numerator = multi_ema((b1, 0.0), (1.0 / (1.0 - b1), alpha), (False, False))
-    return scale_by_second_moment(numerator, b2, eps, eps_root)
+    check_interval("eps", eps, 0.0)
+    check_interval("eps_root", eps_root, 0.0)
+
+    def init_fn(params: PyTree) -> AdaptiveState:
+        return init_adaptive_state(params)
+
+    def update_fn(
+        updates: PyTree, state: AdaptiveState, params: PyTree | None = None
+    ) -> tuple[PyTree, AdaptiveState]:
+        del params
+        check_same_structure(updates, state.mu, "optimizer state")
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda g, m: (g + b1 * m).astype(m.dtype), updates, state.mu)
+        nu = ema_squared(updates, state.nu, b2)
+        a = resolve(alpha, state.count)
+        numerator = jax.tree.map(lambda m, g: m + a * g, mu, updates)
+        out = adam_direction(numerator, bias_correct(nu, b2, count), eps, eps_root)
+        return cast_like(out, updates), AdaptiveState(count=count, mu=mu, nu=nu, nu_max=None)
+
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
@@ -317,7 +343,7 @@ def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
       [0.08, 4.0, 8.0, 8.0]
     """
     check_interval("alpha", alpha, 0.0)
-    check_interval("warmup_steps", warmup_steps, 1.0)
+    warmup_steps = check_integer("warmup_steps", warmup_steps, 1)
 
     def schedule(count: jax.Array) -> jax.Array:
         t = jnp.asarray(count, jnp.result_type(float)) + 1
@@ -356,7 +382,7 @@ def ademamix_beta3_schedule(b3: float, warmup_steps: int, *, b1: float = 0.9) ->
     """
     check_interval("b1", b1, 0.0, 1.0, low_closed=False, high_closed=False)
     check_interval("b3", b3, 0.0, 1.0, low_closed=False, high_closed=False)
-    check_interval("warmup_steps", warmup_steps, 1.0)
+    warmup_steps = check_integer("warmup_steps", warmup_steps, 1)
     if not b1 < b3:
         raise ValueError(
             f"ademamix_beta3_schedule warms b3 up from b1 to b3 and needs b1 < b3, got "
@@ -418,7 +444,7 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
         out = jax.tree.map(lambda g, m: g + lamb * m, updates, mu)
         return cast_like(out, updates), GrokfastEMAState(optax.safe_increment(state.count), mu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 @roles.declare(count=Role.COUNT, window=Role.EXACT)
@@ -457,11 +483,10 @@ def grokfast_ma(
       >>> tx = optax.chain(varjax.grokfast_ma(window=10), optax.adam(1e-3))
       >>> state = tx.init({"w": jnp.zeros(3)})
     """
-    check_interval("window", window, 1.0)
+    window = check_integer("window", window, 1)
     check_interval("lamb", lamb)
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    window = int(window)
 
     def init_fn(params: PyTree) -> GrokfastMAState:
         buffers = jax.tree.map(
@@ -489,4 +514,4 @@ def grokfast_ma(
         out = jax.tree.map(amplify, updates, buffers)
         return cast_like(out, updates), GrokfastMAState(optax.safe_increment(state.count), buffers)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
