@@ -41,17 +41,21 @@ from varjax._base import (
     adaptive_step,
     cast_like,
     check_adam_hyperparameters,
+    check_integer,
     check_interval,
     check_same_structure,
+    clip_to_norm,
     ema,
     init_adaptive_state,
     resolve,
     store_after,
+    trainable_leaves_only,
     zero_count,
 )
 from varjax.roles import Role
 
 __all__ = [
+    "AdaptiveStormState",
     "IGTState",
     "MarsCorrectionState",
     "MultiMomentumState",
@@ -101,24 +105,6 @@ class MarsCorrectionState(NamedTuple):
 
     count: jax.Array
     previous_grads: PyTree | None
-
-
-def _clip_to_norm(tree: PyTree, max_norm: float | None, scope: str) -> PyTree:
-    """Rescale to norm ``max_norm`` where the norm exceeds it, per leaf or over the tree."""
-    if max_norm is None:
-        return tree
-
-    def wide(x: jax.Array) -> jax.Array:  # norms in float32 at least (float64 stays)
-        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-    def rescale(x: jax.Array, norm: jax.Array) -> jax.Array:
-        factor = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
-        return (wide(x) * factor).astype(x.dtype)
-
-    if scope == "global":
-        norm = optax.global_norm(jax.tree.map(wide, tree))
-        return jax.tree.map(lambda x: rescale(x, norm), tree)
-    return jax.tree.map(lambda x: rescale(x, jnp.linalg.norm(wide(x))), tree)
 
 
 def mars_correction(
@@ -198,12 +184,12 @@ def mars_correction(
             p = jnp.where(first, jnp.zeros_like(g), p.astype(g.dtype))
             return g + scale * (g - p)
 
-        corrected = _clip_to_norm(jax.tree.map(correct, updates, previous), max_norm, norm_scope)
+        corrected = clip_to_norm(jax.tree.map(correct, updates, previous), max_norm, norm_scope)
         stored = None if exact else cast_like(updates, state.previous_grads)
         new_state = MarsCorrectionState(optax.safe_increment(state.count), stored)
         return cast_like(corrected, updates), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def newton_schulz(m: jax.Array, steps: int = 5, eps: float = 1e-8) -> jax.Array:
@@ -214,6 +200,7 @@ def newton_schulz(m: jax.Array, steps: int = 5, eps: float = 1e-8) -> jax.Array:
     and of Muon; the singular values land near 1 (roughly in [0.7, 1.2]), not
     exactly on it. Computed in float32 (float64 inputs stay float64).
     """
+    steps = check_integer("steps", steps, 0)
     a, b, c = NEWTON_SCHULZ_COEFFS
     x = m.astype(jnp.promote_types(m.dtype, jnp.float32))
     tall = x.shape[0] > x.shape[1]
@@ -261,7 +248,7 @@ def _mars_preconditioner(
             )
         return cast_like(out, updates), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 def scale_by_mars(
@@ -325,13 +312,13 @@ def scale_by_mars(
         raise ValueError(
             f"preconditioner must be 'adamw', 'lion' or 'shampoo', got {preconditioner!r}"
         )
-    check_interval("ns_steps", ns_steps, 1.0)
+    ns_steps = check_integer("ns_steps", ns_steps, 1)
     chained = optax.chain(
         mars_correction(b1, gamma, exact=exact, max_norm=max_norm, norm_scope=norm_scope),
-        _mars_preconditioner(preconditioner, b1, b2, eps, amsgrad, int(ns_steps)),
+        _mars_preconditioner(preconditioner, b1, b2, eps, amsgrad, ns_steps),
     )
     if exact:  # no gradient is stored
-        return chained
+        return trainable_leaves_only(chained)
 
     def update_fn(
         updates: PyTree, state: tuple, params: PyTree | None = None, **extra_args: Any
@@ -341,7 +328,7 @@ def scale_by_mars(
         stored = store_after(correction.previous_grads, correction.count, *new_moments)
         return out, (correction._replace(previous_grads=stored), moments)
 
-    return optax.GradientTransformationExtraArgs(chained.init, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(chained.init, update_fn))
 
 
 def mars_value_and_grad(
@@ -398,6 +385,19 @@ def mars_value_and_grad(
 # --------------------------------------------------------------------------
 
 
+@roles.declare(count=Role.COUNT, direction=Role.SIGNED, previous_grads=Role.EXACT)
+class StormState(NamedTuple):
+    """State of :func:`scale_by_storm`.
+
+    ``direction`` is ``d_{t-1}``; ``previous_grads`` the stored gradient of the
+    approximate form (``None`` in the exact form).
+    """
+
+    count: jax.Array
+    direction: PyTree
+    previous_grads: PyTree | None
+
+
 @roles.declare(
     count=Role.COUNT,
     direction=Role.SIGNED,
@@ -405,13 +405,9 @@ def mars_value_and_grad(
     squared_norms=Role.EXACT,
     step_size=Role.EXACT,
 )
-class StormState(NamedTuple):
-    """State of :func:`scale_by_storm` and :func:`storm`.
-
-    ``direction`` is ``d_{t-1}``; ``previous_grads`` the stored gradient of the
-    approximate form (``None`` in the exact form); ``squared_norms`` and
-    ``step_size`` are :func:`storm`'s running ``sum G_i^2`` and ``eta_{t-1}``.
-    """
+class AdaptiveStormState(NamedTuple):
+    """State of :func:`storm`: :class:`StormState`'s fields and the adaptive step's
+    running ``sum G_i^2`` (``squared_norms``) and ``eta_{t-1}`` (``step_size``)."""
 
     count: jax.Array
     direction: PyTree
@@ -430,11 +426,11 @@ def _storm(
             count=zero_count(),
             direction=optax.tree.zeros_like(params),
             previous_grads=None if exact else optax.tree.zeros_like(params),
-            squared_norms=jnp.zeros([], jnp.float32),
-            step_size=jnp.zeros([], jnp.float32),
         )
 
-    def direction_fn(updates: PyTree, state: StormState, extra_args: dict) -> PyTree:
+    def direction_fn(
+        updates: PyTree, state: StormState | AdaptiveStormState, extra_args: dict
+    ) -> PyTree:
         check_same_structure(updates, state.direction, "optimizer state")
         previous = _previous_gradients(exact, extra_args, state.previous_grads, updates, who)
         keep = jnp.where(state.count == 0, 0.0, 1.0 - correction_weight(state))
@@ -449,7 +445,7 @@ def _storm(
 
 
 def _stored_gradient(
-    updates: PyTree, state: StormState, direction: PyTree, exact: bool
+    updates: PyTree, state: StormState | AdaptiveStormState, direction: PyTree, exact: bool
 ) -> PyTree | None:
     """The approximate form's next ``g_prev``, written after ``d_t`` (:func:`store_after`)."""
     if exact:
@@ -505,7 +501,7 @@ def scale_by_storm(
         )
         return cast_like(direction, updates), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def storm(
@@ -541,17 +537,26 @@ def storm(
     check_interval("k", k, 0.0, low_closed=False)
     check_interval("w", w, 0.0, low_closed=False)
     check_interval("c", c, 0.0)
-    init_fn, direction_fn = _storm(lambda s: jnp.minimum(1.0, c * s.step_size**2), exact, "storm")
+    storm_init, direction_fn = _storm(
+        lambda s: jnp.minimum(1.0, c * s.step_size**2), exact, "storm"
+    )
+
+    def init_fn(params: PyTree) -> AdaptiveStormState:
+        return AdaptiveStormState(
+            *storm_init(params),
+            squared_norms=jnp.zeros([], jnp.float32),
+            step_size=jnp.zeros([], jnp.float32),
+        )
 
     def update_fn(
-        updates: PyTree, state: StormState, params: PyTree | None = None, **extra_args: Any
-    ) -> tuple[PyTree, StormState]:
+        updates: PyTree, state: AdaptiveStormState, params: PyTree | None = None, **extra_args: Any
+    ) -> tuple[PyTree, AdaptiveStormState]:
         del params
         direction = direction_fn(updates, state, extra_args)
         squared_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), updates))
         squared_norms = state.squared_norms + squared_norm**2
         step_size = resolve(k, state.count) / jnp.cbrt(w + squared_norms)
-        new_state = StormState(
+        new_state = AdaptiveStormState(
             count=optax.safe_increment(state.count),
             direction=cast_like(direction, state.direction),
             previous_grads=_stored_gradient(updates, state, direction, exact),
@@ -561,7 +566,7 @@ def storm(
         out = jax.tree.map(lambda d: -step_size.astype(d.dtype) * d, direction)
         return cast_like(out, updates), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -611,7 +616,7 @@ def scale_by_qhm(b: float = 0.999, nu: float = 0.7) -> optax.GradientTransformat
         out = jax.tree.map(lambda g, m: (1 - nu) * g + nu * m, updates, momentum)
         return cast_like(out, updates), QHMState(momentum)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -708,7 +713,7 @@ def implicit_gradient_transport(
         out = jax.tree.map(lambda q, p: (q - p).astype(p.dtype), query, params)
         return out, IGTState(count, cast_like(new_theta, theta), inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def igt_eval_params(state: optax.OptState) -> PyTree:
@@ -794,10 +799,9 @@ def multi_momentum(
       >>> params = {"w": jnp.zeros(3)}
       >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params, cluster=2)
     """
-    check_interval("num_clusters", num_clusters, 1.0)
+    num_clusters = check_integer("num_clusters", num_clusters, 1)
     check_interval("decay", decay, 0.0, 1.0, high_closed=False)
     check_interval("nu", nu, 0.0, 1.0)
-    num_clusters = int(num_clusters)
     if weights is None:
         weights = (1.0 / num_clusters,) * num_clusters
     if len(weights) != num_clusters:
@@ -838,4 +842,4 @@ def multi_momentum(
         out = jax.tree.map(combine, updates, momenta)
         return cast_like(out, updates), MultiMomentumState(momenta)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
