@@ -16,7 +16,15 @@ import jax.numpy as jnp
 import optax
 
 from varjax import roles
-from varjax._base import check_interval, check_same_structure, one_minus_power, signal_to_noise
+from varjax._base import (
+    check_integer,
+    check_interval,
+    check_same_structure,
+    one_minus_power,
+    signal_to_noise,
+    trainable_leaves_only,
+    zero_count,
+)
 from varjax._samples import Moments, is_moments, sample_moments
 from varjax.roles import Role
 
@@ -133,13 +141,11 @@ def gradient_noise_scale(
       >>> round(float(state[0].noise_scale), 2)  # tr(Sigma) / |G|^2
       55.65
     """
-    if int(small_batch_size) != small_batch_size or small_batch_size < 1:
-        raise ValueError(f"small_batch_size must be an integer >= 1, got {small_batch_size!r}")
-    if int(large_batch_size) != large_batch_size or large_batch_size <= small_batch_size:
-        raise ValueError(
-            f"large_batch_size must be an integer > small_batch_size={small_batch_size}, "
-            f"got {large_batch_size!r}"
-        )
+    small_batch_size = check_integer("small_batch_size", small_batch_size, 1)
+    try:
+        large_batch_size = check_integer("large_batch_size", large_batch_size, small_batch_size + 1)
+    except ValueError as error:
+        raise ValueError(f"{error} (it must exceed small_batch_size={small_batch_size})") from None
     check_interval("decay", decay, 0.0, 1.0, high_closed=False)
     small, large = float(small_batch_size), float(large_batch_size)
 
@@ -147,7 +153,7 @@ def gradient_noise_scale(
         del params
         # a fresh array per field: one buffer twice in a state cannot be donated
         return NoiseScaleState(
-            jnp.zeros([], jnp.int32),
+            zero_count(),
             jnp.zeros([], jnp.float32),
             jnp.zeros([], jnp.float32),
             jnp.full([], jnp.inf, jnp.float32),
@@ -178,9 +184,11 @@ def gradient_noise_scale(
         g2_ema = _debiased_ema_step(state.grad_norm_squared, g2, decay, state.count)
         trace_ema = _debiased_ema_step(state.trace_covariance, trace, decay, state.count)
         noise_scale = jnp.where(g2_ema > 0, trace_ema / jnp.where(g2_ema > 0, g2_ema, 1.0), jnp.inf)
-        return updates, NoiseScaleState(state.count + 1, g2_ema, trace_ema, noise_scale)
+        return updates, NoiseScaleState(
+            optax.safe_increment(state.count), g2_ema, trace_ema, noise_scale
+        )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 @roles.declare(count=Role.COUNT, signal=Role.EXACT, variance=Role.EXACT, gsnr=Role.EXACT)
@@ -266,7 +274,7 @@ def gradient_snr_monitor(
         def zeros() -> optax.Updates:  # fresh buffers: a state is donated whole
             return jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)
 
-        return GradientSNRState(jnp.zeros([], jnp.int32), zeros(), zeros(), zeros())
+        return GradientSNRState(zero_count(), zeros(), zeros(), zeros())
 
     def update_fn(
         updates: optax.Updates,
@@ -277,6 +285,8 @@ def gradient_snr_monitor(
         **extra_args: Any,
     ) -> tuple[optax.Updates, GradientSNRState]:
         del params, extra_args
+        # one scalar per leaf: the tree is checked, the shapes cannot be
+        check_same_structure(updates, state.gsnr, "optimizer state", shapes=False)
         moments = sample_moments(updates, microbatch_grads, axis_name, "gradient_snr_monitor")
         layers = jax.tree.map(_layer_signal_and_variance, moments, is_leaf=is_moments)
         is_layer = lambda x: isinstance(x, _Layer)  # noqa: E731
@@ -293,6 +303,6 @@ def gradient_snr_monitor(
 
         signal, variance = smooth("signal", state.signal), smooth("variance", state.variance)
         gsnr = jax.tree.map(signal_to_noise, signal, variance)
-        return updates, GradientSNRState(state.count + 1, signal, variance, gsnr)
+        return updates, GradientSNRState(optax.safe_increment(state.count), signal, variance, gsnr)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))

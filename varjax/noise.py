@@ -19,7 +19,21 @@ import jax.numpy as jnp
 import optax
 
 from varjax import roles
-from varjax._base import ScalarOrSchedule, check_interval, resolve, signal_to_noise
+from varjax._base import (
+    ScalarOrSchedule,
+    ShapeWitness,
+    check_integer,
+    check_interval,
+    check_same_structure,
+    clip_to_norm,
+    global_norm,
+    resolve,
+    shape_witness,
+    signal_to_noise,
+    trainable_leaves_only,
+    witness_shapes,
+    zero_count,
+)
 from varjax._samples import Moments, half_means, is_moments, sample_moments
 from varjax.roles import Role
 
@@ -36,13 +50,16 @@ __all__ = [
 ]
 
 
-@roles.declare(norms=Role.EXACT, count=Role.COUNT)
+@roles.declare(norms=Role.EXACT, count=Role.COUNT, shapes=Role.EXACT)
 class AutoClipState(NamedTuple):
     """State of :func:`autoclip`: the last ``window`` gradient norms (a ring buffer,
-    filled from index 0) and how many norms have been recorded."""
+    filled from index 0), how many norms have been recorded, and ``shapes``,
+    a :class:`varjax._base.ShapeWitness` (the parameters' tree and shapes as static
+    data: no leaves, no bytes) that the gradient tree is checked against."""
 
     norms: jax.Array
     count: jax.Array
+    shapes: ShapeWitness
 
 
 def percentile_of_history(norms: jax.Array, count: jax.Array, percentile: float) -> jax.Array:
@@ -97,28 +114,26 @@ def autoclip(percentile: float = 10.0, window: int = 10_000) -> optax.GradientTr
       >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
     """
     check_interval("percentile", percentile, 0.0, 100.0, low_closed=False)
-    if int(window) != window or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    window = check_integer("window", window, 1)
 
     def init_fn(params: optax.Params) -> AutoClipState:
-        del params
-        return AutoClipState(jnp.zeros([int(window)], jnp.float32), jnp.zeros([], jnp.int32))
+        return AutoClipState(jnp.zeros([window], jnp.float32), zero_count(), shape_witness(params))
 
     def update_fn(
         updates: optax.Updates, state: AutoClipState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, AutoClipState]:
         del params
-        norm = optax.global_norm(updates).astype(jnp.float32)
+        check_same_structure(updates, witness_shapes(state.shapes), "optimizer state")
+        norm = global_norm(updates).astype(jnp.float32)
         finite = jnp.isfinite(norm)
         slot = state.count % state.norms.shape[0]
         norms = jnp.where(finite, state.norms.at[slot].set(norm), state.norms)
-        count = state.count + finite.astype(jnp.int32)
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
         threshold = percentile_of_history(norms, count, percentile)
-        scale = jnp.where(finite & (norm > threshold), threshold / norm, 1.0)
-        clipped = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
-        return clipped, AutoClipState(norms, count)
+        clipped = clip_to_norm(updates, jnp.where(finite, threshold, jnp.inf), norm=norm)
+        return clipped, AutoClipState(norms, count, state.shapes)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
 
 
 def gsnr_scale(moments: Moments, min_scale: float) -> jax.Array:
@@ -217,18 +232,23 @@ def scale_by_gsnr(
         )
         return scaled, state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return trainable_leaves_only(
+        optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    )
 
 
-@roles.declare(count=Role.COUNT, factors=Role.EXACT, inner_state=Role.NESTED)
+@roles.declare(count=Role.COUNT, factors=Role.EXACT, inner_state=Role.NESTED, shapes=Role.EXACT)
 class AGVMState(NamedTuple):
     """State of :func:`agvm`: the step count, the smoothed rate factor of each
-    group (a dict from label to a scalar; the anchor's stays 1) and the inner
-    transform's state."""
+    group (a dict from label to a scalar; the anchor's stays 1), the inner
+    transform's state, and ``shapes``, a :class:`varjax._base.ShapeWitness` (the
+    parameters' tree and shapes as static data: no leaves, no bytes) that the
+    gradient tree is checked against."""
 
     count: jax.Array
     factors: dict[Hashable, jax.Array]
     inner_state: optax.OptState
+    shapes: ShapeWitness
 
 
 def _group_cosine(first: list[jax.Array], second: list[jax.Array]) -> jax.Array:
@@ -321,10 +341,8 @@ def agvm(
       0.9912
     """
     check_interval("momentum", momentum, 0.0, 1.0, high_closed=False)
-    if int(interval) != interval or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-    if int(start_step) != start_step or start_step < 0:
-        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+    interval = check_integer("interval", interval, 1)
+    start_step = check_integer("start_step", start_step, 0)
     check_interval("min_ratio", min_ratio, 0.0, low_closed=False)
     check_interval("max_ratio", max_ratio, min_ratio)
     inner = optax.with_extra_args_support(inner)
@@ -332,7 +350,11 @@ def agvm(
     def group_labels(tree: optax.Params) -> list[Hashable]:
         tree_labels = labels(tree) if callable(labels) else labels
         leaves = jax.tree.leaves(tree)
-        flat = jax.tree.structure(tree).flatten_up_to(tree_labels)
+        # leaves without state (integer ones, see trainable_leaves_only) have no group
+        is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        with_masked = jax.tree.leaves(tree, is_leaf=is_masked)
+        flat_labels = jax.tree.structure(tree, is_leaf=is_masked).flatten_up_to(tree_labels)
+        flat = [y for x, y in zip(with_masked, flat_labels, strict=True) if not is_masked(x)]
         if leaves and anchor not in flat:
             raise ValueError(f"anchor {anchor!r} is not one of the labels {sorted(set(flat))}")
         return flat
@@ -340,7 +362,7 @@ def agvm(
     def init_fn(params: optax.Params) -> AGVMState:
         groups = dict.fromkeys(group_labels(params))
         factors = {label: jnp.ones([], jnp.float32) for label in groups}
-        return AGVMState(jnp.zeros([], jnp.int32), factors, inner.init(params))
+        return AGVMState(zero_count(), factors, inner.init(params), shape_witness(params))
 
     def measured_factors(flat_labels, first, second) -> dict[Hashable, jax.Array]:
         first, second = jax.tree.leaves(first), jax.tree.leaves(second)
@@ -362,6 +384,7 @@ def agvm(
         microbatch_grads: optax.Updates | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AGVMState]:
+        check_same_structure(updates, witness_shapes(state.shapes), "optimizer state")
         flat_labels = group_labels(updates)
         first, second = half_means(updates, microbatch_grads, axis_name, "agvm")
         if axis_name is not None:
@@ -382,9 +405,10 @@ def agvm(
             (u * factors[label]).astype(u.dtype)
             for u, label in zip(flat_out, flat_labels, strict=True)
         ]
-        return treedef.unflatten(scaled), AGVMState(state.count + 1, factors, inner_state)
+        new_state = AGVMState(optax.safe_increment(state.count), factors, inner_state, state.shapes)
+        return treedef.unflatten(scaled), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 @roles.declare(count=Role.COUNT, estimate=Role.EXACT)
@@ -394,15 +418,6 @@ class QuantileClippingState(NamedTuple):
 
     count: jax.Array
     estimate: optax.Updates
-
-
-def _clip_residual_by_norm(residuals: list[jax.Array], threshold: jax.Array) -> list[jax.Array]:
-    """Residuals rescaled to norm ``threshold`` where their joint norm exceeds it;
-    zero where the norm is not finite (the step leaves the estimate alone)."""
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(r)) for r in residuals))
-    factor = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1.0), 1.0)
-    factor = jnp.where(jnp.isfinite(norm), factor, 0.0)
-    return [jnp.where(jnp.isfinite(norm), r * factor, 0.0) for r in residuals]
 
 
 def quantile_clipping(
@@ -473,7 +488,7 @@ def quantile_clipping(
             lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32)),
             params,
         )
-        return QuantileClippingState(jnp.zeros([], jnp.int32), estimate)
+        return QuantileClippingState(zero_count(), estimate)
 
     def element_step(g: jax.Array, m: jax.Array, tau: jax.Array) -> jax.Array:
         step = jnp.clip(g - m, -2.0 * (1.0 - quantile) * tau, 2.0 * quantile * tau)
@@ -484,17 +499,19 @@ def quantile_clipping(
     ) -> tuple[optax.Updates, QuantileClippingState]:
         del params
         tau = jnp.asarray(resolve(threshold, state.count), jnp.float32)
+        check_same_structure(updates, state.estimate, "optimizer state")
         grads, treedef = jax.tree.flatten(updates)
         old = treedef.flatten_up_to(state.estimate)
         if scope == "element":
             new = [element_step(g.astype(m.dtype), m, tau) for g, m in zip(grads, old, strict=True)]
         else:
+            # a residual whose norm is not finite leaves its part of the estimate alone
             residuals = [g.astype(m.dtype) - m for g, m in zip(grads, old, strict=True)]
-            groups = [residuals] if scope == "global" else [[r] for r in residuals]
-            steps = [s for group in groups for s in _clip_residual_by_norm(group, tau)]
+            steps = clip_to_norm(residuals, tau, scope, non_finite="zero")
             new = [m + s for m, s in zip(old, steps, strict=True)]
         out = [m.astype(g.dtype) for m, g in zip(new, grads, strict=True)]
         estimate = treedef.unflatten(new)
-        return treedef.unflatten(out), QuantileClippingState(state.count + 1, estimate)
+        new_state = QuantileClippingState(optax.safe_increment(state.count), estimate)
+        return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))

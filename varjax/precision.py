@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import optax
 
 from varjax import roles
-from varjax._base import PyTree, ScalarOrSchedule, check_same_structure
+from varjax._base import PyTree, ScalarOrSchedule, check_integer, check_same_structure
 from varjax.alias import adamw_8bit
 from varjax.roles import Role
 
@@ -287,8 +287,8 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
       >>> updates["w"].dtype, new["w"].dtype
       (dtype('float32'), dtype(bfloat16))
     """
-    if not isinstance(seed, jax.Array):  # inside optax.inject_hyperparams it is an array
-        seed = int(seed)
+    if not isinstance(seed, jax.core.Tracer):  # inside optax.inject_hyperparams it is an array
+        seed = check_integer("seed", seed)
 
     def init_fn(params: PyTree) -> StochasticRoundingState:
         del params

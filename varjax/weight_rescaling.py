@@ -22,7 +22,14 @@ import jax.numpy as jnp
 import optax
 
 from varjax import roles
-from varjax._base import PyTree, check_interval, check_same_structure, zero_count
+from varjax._base import (
+    PyTree,
+    check_integer,
+    check_interval,
+    check_same_structure,
+    trainable_leaves_only,
+    zero_count,
+)
 from varjax.roles import Role
 
 __all__ = [
@@ -45,8 +52,7 @@ def lir_std(layer_index: int, base_std: float = 0.02, scale_factor: float = 1.0)
     >>> lir_std(4, base_std=0.006)
     0.003
     """
-    if isinstance(layer_index, bool) or int(layer_index) != layer_index or layer_index < 1:
-        raise ValueError(f"layer_index must be an integer >= 1, got {layer_index!r}")
+    layer_index = check_integer("layer_index", layer_index, 1)
     check_interval("base_std", base_std, 0.0, low_closed=False)
     check_interval("scale_factor", scale_factor, 0.0, low_closed=False)
     return float(base_std) / math.sqrt(int(layer_index) * float(scale_factor))
@@ -201,9 +207,7 @@ def target_variance_rescaling(
       0.02 1.5 [1. 1.]
     """
     check_interval("target_std", target_std, 0.0, low_closed=False)
-    if isinstance(every, bool) or int(every) != every or every < 1:
-        raise ValueError(f"every must be an integer >= 1, got {every!r}")
-    every = int(every)
+    every = check_integer("every", every, 1)
     check_interval("ratio_threshold", ratio_threshold, 1.0)
 
     def init_fn(params: PyTree) -> TargetVarianceRescalingState:
@@ -237,4 +241,4 @@ def target_variance_rescaling(
             updates = jax.lax.cond(on_step, rescale, keep, updates, params)
         return updates, TargetVarianceRescalingState(count=optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return trainable_leaves_only(optax.GradientTransformation(init_fn, update_fn))
