@@ -3,7 +3,10 @@
 Each is ``optax.chain(block, add_decayed_weights(weight_decay, mask),
 scale_by_learning_rate(learning_rate))``: decoupled weight decay as in AdamW
 (``weight_decay=0`` by default, which makes it a no-op), and ``learning_rate``
-and ``weight_decay`` accept a float or an ``optax.Schedule``.
+and ``weight_decay`` accept a float or an ``optax.Schedule``. The whole chain
+is wrapped in :func:`varjax._base.trainable_leaves_only`: integer and boolean
+parameter leaves get a zero update of their own dtype and no state, and the
+weight decay accepts ``params=None`` when ``weight_decay`` is zero.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ import jax.numpy as jnp
 import optax
 
 from varjax import multi_ema, rectification, variance_reduction
-from varjax._base import ScalarOrSchedule, check_adam_hyperparameters, check_interval
+from varjax._base import (
+    ScalarOrSchedule,
+    check_adam_hyperparameters,
+    check_integer,
+    check_interval,
+    check_same_structure,
+    trainable_leaves_only,
+    without_params_if_no_decay,
+)
 from varjax.quantization import quantize_state
 from varjax.roles import RoleOverride
 
@@ -57,10 +68,12 @@ def _with_decay_and_rate(
     """``block``, then decoupled weight decay, then the (negative) learning rate."""
     check_interval("learning_rate", learning_rate, 0.0)
     check_interval("weight_decay", weight_decay, 0.0)
-    return optax.chain(
-        block,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+    return trainable_leaves_only(
+        optax.chain(
+            block,
+            without_params_if_no_decay(optax.add_decayed_weights(weight_decay, mask), weight_decay),
+            optax.scale_by_learning_rate(learning_rate),
+        )
     )
 
 
@@ -339,7 +352,7 @@ def adamp(
         amsgrad=amsgrad,
         mu_dtype=mu_dtype,
     )
-    return optax.chain(block, optax.scale_by_learning_rate(learning_rate))
+    return trainable_leaves_only(optax.chain(block, optax.scale_by_learning_rate(learning_rate)))
 
 
 def cautious_adamw(
@@ -432,8 +445,8 @@ def ademamix(
       >>> import varjax
       >>> tx = varjax.ademamix(1e-3, alpha=8.0, alpha_warmup_steps=10_000, b3_warmup_steps=10_000)
     """
-    check_interval("alpha_warmup_steps", alpha_warmup_steps, 1.0)
-    check_interval("b3_warmup_steps", b3_warmup_steps, 1.0)
+    alpha_warmup_steps = check_integer("alpha_warmup_steps", alpha_warmup_steps, 1, allow_none=True)
+    b3_warmup_steps = check_integer("b3_warmup_steps", b3_warmup_steps, 1, allow_none=True)
     if alpha_warmup_steps is not None:
         alpha = multi_ema.ademamix_alpha_schedule(alpha, alpha_warmup_steps)
     if b3_warmup_steps is not None:
@@ -531,9 +544,22 @@ def _mars(
     def labels(params: optax.Params) -> Any:
         return jax.tree.map(lambda p: "mars" if jnp.ndim(p) == 2 else "adamw_1d", params)
 
-    return optax.partition(
+    partition = optax.partition(
         {"mars": mars, "adamw_1d": adamw_1d}, labels, mask_compatible_extra_args=True
     )
+
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, Any]:
+        # each group's first moment holds its leaves and a MaskedNode for the other
+        # group's: together they name every leaf the gradients must have
+        groups = state.inner_states
+        moments = (groups["mars"].inner_state[0][1].mu, groups["adamw_1d"].inner_state[0].mu)
+        for group_moment in moments:
+            check_same_structure(updates, group_moment, "optimizer state")
+        return partition.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(partition.init, update_fn)
 
 
 _MARS_ARGS_DOC = """
@@ -780,7 +806,7 @@ def igt(
         multi_ema.multi_ema((decay,), (1.0,), (False,)),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return variance_reduction.implicit_gradient_transport(inner, gamma)
+    return trainable_leaves_only(variance_reduction.implicit_gradient_transport(inner, gamma))
 
 
 _QUANTIZED_DOC = """
