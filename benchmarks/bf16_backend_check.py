@@ -49,7 +49,10 @@ def schedule() -> optax.Schedule:
     return optax.cosine_decay_schedule(1e-3, STEPS, alpha=1e-2)
 
 
-def run(tx: optax.GradientTransformation, params, grads, device) -> tuple[dict, object]:
+def run(
+    tx: optax.GradientTransformation, params, grads, device, steps: int = STEPS
+) -> tuple[dict, object]:
+    """``steps`` jitted, donated steps of ``tx`` on ``device``; the final params and state."""
     # from host copies: donation must not delete the caller's arrays
     params = jax.device_put(jax.tree.map(np.asarray, params), device)
     grads = jax.device_put(grads, device)
@@ -60,7 +63,7 @@ def run(tx: optax.GradientTransformation, params, grads, device) -> tuple[dict, 
         return optax.apply_updates(p, u), s
 
     step = jax.jit(step, donate_argnums=(0, 1))
-    for t in range(STEPS):
+    for t in range(steps):
         params, state = step(params, state, grads[t])
     return jax.device_get(params), jax.device_get(state)
 
