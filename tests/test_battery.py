@@ -1,9 +1,10 @@
 """The shared battery every public varjax optimizer and building block must pass.
 
-A new optimizer joins by one line in ``CASES``: a name, a factory taking
-``learning_rate`` and keyword hyper-parameters, the learning rate the
-minimisation checks use, and the (argument, bad value) pairs that must raise
-``ValueError`` naming the argument.
+The cases are the ``Battery`` settings of the entries in varjax/registry.py: a
+name, the learning rate the minimisation checks use, default keyword
+hyper-parameters, the adapter (``ADAPTERS`` below) that makes an optimizer of
+the entry's factory, and the (argument, bad value) pairs that must raise
+``ValueError`` naming the argument. A new optimizer joins by its entry.
 
 Checked for each case: it minimises a convex quadratic and the Rosenbrock
 function (with schedules as learning rates); jit and no-jit
