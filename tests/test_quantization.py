@@ -543,25 +543,6 @@ def test_bucket_table_search_equals_binary_search(code) -> None:
     np.testing.assert_array_equal(np.asarray(nearest_index(jnp.asarray(x), code)), expected)
     traced = nearest_index(jnp.asarray(x), jnp.asarray(code))  # a jax map: the binary search
     np.testing.assert_array_equal(np.asarray(traced), expected)
-    # the default maps take the one-gather table
-    assert blockwise._packed_bucket_table(np.asarray(code, np.float32).tobytes()) is not None
-
-
-@pytest.mark.parametrize(
-    "code",
-    [[-1.0, 0.0, 0.0, 1.0], [0.0, 1e-13, 0.5, 1.0], [-1.0, -1e-13, 0.0, 1.0]],
-    ids=["zero-midpoint", "tiny-positive", "tiny-negative"],
-)
-def test_bucket_tables_with_a_midpoint_among_the_smallest_magnitudes(code) -> None:
-    """A midpoint in a bucket that also takes every smaller magnitude: the one-gather
-    table would compare low bits that mean nothing there, so the two tables are used."""
-    code = np.asarray(code, np.float32)
-    assert blockwise._packed_bucket_table(code.tobytes()) is None
-    midpoints = (code[:-1] + code[1:]) / np.float32(2)
-    x = np.float32([0.0, -0.0, 1e-37, -1e-37, 1e-14, -1e-14, 1e-12, 0.25, 0.75, 1.0])
-    x = np.clip(x, -1.0 if code.min() < 0 else 0.0, 1.0)
-    expected = np.sum(x[:, None] > midpoints[None, :], axis=1)
-    np.testing.assert_array_equal(np.asarray(nearest_index(jnp.asarray(x), code)), expected)
 
 
 def nearest_quantize_torch(x, code, absmax_out, codes_out, block_size) -> None:

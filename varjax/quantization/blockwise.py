@@ -150,61 +150,8 @@ def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray, np.ndarray] | Non
     return None
 
 
-@functools.lru_cache(maxsize=32)
-def _packed_bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray] | None:
-    """:func:`_bucket_table` in one uint32 per bucket, so that a lookup is one gather.
-
-    Within a bucket all values share the sign, the exponent and the top ``m`` mantissa
-    bits, so comparing a value with a midpoint in the same bucket is comparing their low
-    ``23 - m`` bits (reversed for negative values). Each entry holds the count of
-    midpoints below the bucket in its top 8 bits and, below them, the low bits of the
-    bucket's midpoint (with the sign's reversal applied), or all ones where the bucket
-    holds none. Exact, the same counts as the two tables. ``None`` where that does not
-    hold: more than 255 midpoints below a bucket, or a midpoint in one of the two
-    buckets that also take every smaller magnitude (the caller keeps two gathers).
-    """
-    found = _bucket_table(code_bytes)
-    if found is None:
-        return None
-    m, below, next_midpoint = found
-    if below.max() > 255:
-        return None
-    shift = 23 - m
-    mask = (1 << shift) - 1
-    low_key = _SMALLEST_EXPONENT << m
-    n = below.size // 2  # positive buckets, then negative ones
-    keys = np.concatenate([np.arange(n), np.arange(n)]) + low_key
-    negative = np.arange(2 * n) >= n
-    with np.errstate(invalid="ignore"):
-        bits = next_midpoint.astype(np.float32).view(np.uint32)
-    magnitude = bits & np.uint32(0x7FFFFFFF)
-    inside = np.isfinite(next_midpoint) & ((bits >> np.uint32(31)).astype(bool) == negative)
-    high_key = 127 << m
-    inside &= np.clip(magnitude >> np.uint32(shift), low_key, high_key) == keys
-    if np.any(inside & (keys == low_key)):
-        return None
-    low_bits = (magnitude & np.uint32(mask)) ^ np.where(negative, np.uint32(mask), np.uint32(0))
-    threshold = np.where(inside, low_bits, np.uint32(mask))
-    return m, (below.astype(np.uint32) << np.uint32(24)) | threshold.astype(np.uint32)
-
-
 def _count_below_by_buckets(scaled: jax.Array, code: np.ndarray) -> jax.Array | None:
-    code_bytes = np.asarray(code, np.float32).tobytes()
-    packed = _packed_bucket_table(code_bytes)
-    if packed is not None:
-        m, table = packed
-        bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32)
-        low_key, high_key = _SMALLEST_EXPONENT << m, 127 << m
-        magnitude = bits & 0x7FFFFFFF
-        negative = bits >> 31
-        key = jnp.clip(magnitude >> (23 - m), low_key, high_key) - low_key
-        key = (key + negative * (high_key - low_key + 1)).astype(jnp.int32)
-        entry = _take(table, key)
-        mask = (1 << (23 - m)) - 1
-        low_bits = (magnitude & mask) ^ (negative * mask)
-        above = (low_bits > (entry & 0xFFFFFF)).astype(jnp.int32)
-        return (entry >> 24).astype(jnp.int32) + above
-    found = _bucket_table(code_bytes)
+    found = _bucket_table(np.asarray(code, np.float32).tobytes())
     if found is None:
         return None
     m, below, next_midpoint = found
