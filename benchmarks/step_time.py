@@ -36,44 +36,32 @@ import numpy as np
 import optax
 
 import varjax
+from varjax import registry
 
 LR = 1e-3
 
-# (name, varjax optimizer, baseline name, baseline optimizer): one line per optimizer.
+
+def _optax(path: str) -> Callable[..., Any]:
+    """``"optax.contrib.muon"`` -> the factory."""
+    obj: Any = optax
+    for part in path.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pair(entry: registry.Entry, line: registry.Baseline) -> tuple:
+    return (
+        line.label or entry.name,
+        lambda: entry.factory(LR, **line.kwargs),
+        line.optax_label or line.optax,
+        lambda: _optax(line.optax)(LR, **line.optax_kwargs),
+    )
+
+
+# (name, varjax optimizer, baseline name, baseline optimizer): one line per ``Baseline``
+# of an entry in varjax/registry.py.
 PAIRS: list[tuple[str, Callable[[], Any], str, Callable[[], Any]]] = [
-    ("radam", lambda: varjax.radam(LR), "optax.radam", lambda: optax.radam(LR)),
-    ("adopt", lambda: varjax.adopt(LR), "optax.contrib.adopt", lambda: optax.contrib.adopt(LR)),
-    ("grams", lambda: varjax.grams(LR), "optax.adam", lambda: optax.adam(LR)),
-    ("diffgrad", lambda: varjax.diffgrad(LR), "optax.adam", lambda: optax.adam(LR)),
-    ("adamp", lambda: varjax.adamp(LR), "optax.adam", lambda: optax.adam(LR)),
-    ("adam_atan2", lambda: varjax.adam_atan2(LR), "optax.adam", lambda: optax.adam(LR)),
-    ("cautious_adamw", lambda: varjax.cautious_adamw(LR), "optax.adamw", lambda: optax.adamw(LR)),
-    (
-        "ademamix",
-        lambda: varjax.ademamix(LR),
-        "optax.contrib.ademamix",
-        lambda: optax.contrib.ademamix(LR),
-    ),
-    ("mars_adamw", lambda: varjax.mars_adamw(LR), "optax.adamw", lambda: optax.adamw(LR)),
-    ("mars_lion", lambda: varjax.mars_lion(LR), "optax.lion", lambda: optax.lion(LR)),
-    (
-        "mars_shampoo",
-        lambda: varjax.mars_shampoo(LR),
-        "optax.contrib.muon",
-        lambda: optax.contrib.muon(LR),
-    ),
-    ("adam_8bit", lambda: varjax.adam_8bit(LR), "optax.adam", lambda: optax.adam(LR)),
-    ("adamw_8bit", lambda: varjax.adamw_8bit(LR), "optax.adamw", lambda: optax.adamw(LR)),
-    ("adamw_4bit", lambda: varjax.adamw_4bit(LR), "optax.adamw", lambda: optax.adamw(LR)),
-    ("lion_8bit", lambda: varjax.lion_8bit(LR), "optax.lion", lambda: optax.lion(LR)),
-    ("qhm", lambda: varjax.qhm(LR), "optax.sgd(momentum)", lambda: optax.sgd(LR, 0.9)),
-    ("igt", lambda: varjax.igt(LR, 0.9), "optax.sgd(momentum)", lambda: optax.sgd(LR, 0.9)),
-    (
-        "radam(amsgrad)",
-        lambda: varjax.radam(LR, amsgrad=True),
-        "optax.amsgrad",
-        lambda: optax.amsgrad(LR),
-    ),
+    _pair(entry, line) for entry in registry.REGISTRY for line in entry.baselines
 ]
 
 

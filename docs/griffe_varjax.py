@@ -3,9 +3,10 @@
 The docs are read by static analysis, with three adjustments made here and
 nowhere in the package:
 
-* A docstring with a ``str.format`` placeholder such as ``{args}`` (the ready
-  optimizers in ``varjax/alias.py`` fill theirs at import) is replaced by the
-  object's ``__doc__`` at run time.
+* A function built at import by another function (the quantized and MARS
+  aliases in ``varjax/alias.py``, ``adamw_8bit = _quantized(...)``) is an
+  assignment to static analysis: it is documented from the function itself,
+  its ``inspect.signature`` and ``__doc__``, by griffe's dynamic analysis.
 * Napoleon's singular ``Example:`` heading is read as a Google ``Examples:``
   section, so that doctest lines render as code.
 * A doctest block in the free text (as reST reads it) becomes a ``pycon``
@@ -24,7 +25,6 @@ from typing import Any
 import griffe
 
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|data|obj|exc):`(~?)([\w.]+)`")
-_PLACEHOLDER = re.compile(r"(?<!\{)\{[A-Za-z_]\w*\}(?!\})")
 _EXAMPLE_HEADING = re.compile(r"^Example:[ \t]*$", re.MULTILINE)
 
 
@@ -77,18 +77,38 @@ def _resolve(name: str, module_path: str) -> str | None:
 
 
 class VarjaxDocstrings(griffe.Extension):
-    """Run-time docstrings for templated functions, examples sections, Sphinx roles."""
+    """Functions built at import, examples sections, bare doctests, Sphinx roles."""
+
+    def on_module_members(self, *, mod: griffe.Module, agent: Any, **kwargs: Any) -> None:
+        if mod.path.split(".", 1)[0] != "varjax":
+            return
+        runtime = _runtime(mod.path)
+        built = [
+            name
+            for name, member in mod.members.items()
+            if not member.is_alias
+            and member.is_attribute
+            and inspect.isfunction(value := getattr(runtime, name, None))
+            and value.__module__ == mod.path
+            and value.__name__ == name
+        ]
+        if not built:
+            return
+        parser = getattr(agent, "docstring_parser", None)
+        options = getattr(agent, "docstring_options", None)
+        inspected = griffe.inspect(mod.path, docstring_parser=parser, docstring_options=options)
+        for name in built:
+            function = inspected[name]
+            lineno = mod.members[name].lineno
+            mod.set_member(name, function)
+            function.lineno = function.endlineno = lineno
+            self.on_instance(obj=function)
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         docstring = obj.docstring
         if docstring is None or obj.path.split(".", 1)[0] != "varjax":
             return
-        text = docstring.value
-        if _PLACEHOLDER.search(text):
-            doc = getattr(_runtime(obj.path), "__doc__", None)
-            if isinstance(doc, str) and inspect.cleandoc(doc) != text:
-                text = inspect.cleandoc(doc)
-        text = _fence_doctests(_EXAMPLE_HEADING.sub("Examples:", text))
+        text = _fence_doctests(_EXAMPLE_HEADING.sub("Examples:", docstring.value))
         module_path = obj.module.path
 
         def role(match: re.Match[str]) -> str:

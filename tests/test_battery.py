@@ -1,9 +1,10 @@
 """The shared battery every public varjax optimizer and building block must pass.
 
-A new optimizer joins by one line in ``CASES``: a name, a factory taking
-``learning_rate`` and keyword hyper-parameters, the learning rate the
-minimisation checks use, and the (argument, bad value) pairs that must raise
-``ValueError`` naming the argument.
+The cases are the ``Battery`` settings of the entries in varjax/registry.py: a
+name, the learning rate the minimisation checks use, default keyword
+hyper-parameters, the adapter (``ADAPTERS`` below) that makes an optimizer of
+the entry's factory, and the (argument, bad value) pairs that must raise
+``ValueError`` naming the argument. A new optimizer joins by its entry.
 
 Checked for each case: it minimises a convex quadratic and the Rosenbrock
 function (with schedules as learning rates); jit and no-jit
@@ -33,15 +34,7 @@ from checkpoints import orbax_round_trip
 from memory import donating_train_step
 
 import varjax
-
-
-def with_rate(block: Callable[..., optax.GradientTransformation]) -> Callable[..., Any]:
-    """A building block followed by the learning rate, as a factory of named arguments."""
-
-    def factory(learning_rate: Any, **kwargs: Any) -> optax.GradientTransformation:
-        return optax.chain(block(**kwargs), optax.scale_by_learning_rate(learning_rate))
-
-    return factory
+from varjax import registry
 
 
 def with_clusters(tx: optax.GradientTransformation, clusters: int) -> Any:
@@ -64,15 +57,12 @@ class Case:
     make: Callable[..., optax.GradientTransformation]
     learning_rate: float = 0.1
     bad: tuple[tuple[str, Any], ...] = ()
+    entry: str = ""  # the registry entry the case belongs to
+    sharded: bool = False  # also run on 8 host devices (tests/test_integration.py)
 
     def build(self, learning_rate: Any = None, **kwargs: Any) -> optax.GradientTransformation:
         rate = self.learning_rate if learning_rate is None else learning_rate
         return self.make(learning_rate=rate, **kwargs)
-
-
-ADAM_BAD = (("b1", 1.0), ("b2", -0.1), ("eps", -1e-8), ("learning_rate", -1.0))
-BLOCK_BAD = (("b1", 1.5), ("b2", 1.0), ("eps", -1.0))
-MARS_BAD = (*ADAM_BAD, ("gamma", -0.1), ("max_norm", -1.0), ("norm_scope", "layer"))
 
 
 def exact_form(tx: optax.GradientTransformationExtraArgs) -> Any:
@@ -113,230 +103,77 @@ def two_groups(params: Any) -> Any:
     return treedef.unflatten((["first"] + ["rest"] * len(leaves))[: len(leaves)])
 
 
+def _rate(learning_rate: Any) -> optax.GradientTransformation:
+    return optax.scale_by_learning_rate(learning_rate)
+
+
+# How a registry entry's ``Battery.adapt`` makes an optimizer of its factory ``f``:
+# ``(f, learning_rate, **kwargs) -> transform``.
+ADAPTERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "optimizer": lambda f, lr, **kw: f(learning_rate=lr, **kw),
+    "exact_form": lambda f, lr, **kw: exact_form(f(learning_rate=lr, **kw)),
+    "rate": lambda f, lr, **kw: optax.chain(f(**kw), _rate(lr)),
+    "rate_as_k": lambda f, lr, **kw: f(**{"k": lr, **kw}),  # storm: k is its step size
+    "then_adam": lambda f, lr, **kw: optax.chain(f(**kw), optax.adam(lr)),
+    "then_lion": lambda f, lr, **kw: optax.chain(f(**kw), optax.lion(lr)),
+    "then_ademamix": lambda f, lr, **kw: optax.chain(
+        optax.chain(f(**kw), varjax.scale_by_ademamix(b3=0.999)), _rate(lr)
+    ),
+    "after_adamw": lambda f, lr, **kw: optax.chain(optax.adamw(lr), f(**kw)),
+    "samples_then_adam": lambda f, lr, **kw: with_samples(optax.chain(f(**kw), optax.adam(lr))),
+    "samples_around_adam_two_groups": lambda f, lr, **kw: with_samples(
+        f(optax.adam(lr), two_groups, **kw)
+    ),
+    "monitors_then_adam": lambda f, lr, **kw: with_samples(
+        optax.chain(f(**kw), varjax.gradient_snr_monitor(), optax.adam(lr))
+    ),
+    "clusters": lambda f, lr, **kw: with_clusters(
+        optax.chain(f(**kw), _rate(lr)), kw["num_clusters"]
+    ),
+}
+
+# The transforms that a wrapper's ``Battery.inner`` names.
+INNER: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adam": optax.scale_by_adam,
+    "lion": optax.scale_by_lion,
+    "diffgrad": lambda **kw: varjax.scale_by_diffgrad(**kw),
+    "mars": lambda **kw: varjax.scale_by_mars(**kw),
+    # b3 = 0.999: the paper's 0.9999 has a half-life longer than the battery's problems
+    "slow_ademamix": lambda **kw: varjax.scale_by_ademamix(**{"b3": 0.999, **kw}),
+    "two_emas": lambda **kw: varjax.multi_ema((0.9, 0.99), (1.0, 0.5), (True, False), **kw),
+}
+
+
+def _maker(entry: registry.Entry, battery: registry.Battery) -> Callable[..., Any]:
+    """The case's factory of ``learning_rate`` and keyword hyper-parameters."""
+    adapt, factory = ADAPTERS[battery.adapt], entry.factory
+    if battery.inner is not None:
+        inner, wrapper = INNER[battery.inner], factory
+        if battery.to_inner:  # the test's arguments are the inner transform's
+
+            def factory(**kw):
+                return wrapper(inner(**kw), **battery.kwargs)
+
+            return lambda learning_rate, **kw: adapt(factory, learning_rate, **kw)
+
+        def factory(**kw):
+            return wrapper(inner(), **kw)
+
+    return lambda learning_rate, **kw: adapt(factory, learning_rate, **{**battery.kwargs, **kw})
+
+
+# One case per ``Battery`` of each registry entry (varjax/registry.py).
 CASES = [
-    Case("radam", varjax.radam, bad=(*ADAM_BAD, ("threshold", 3.0), ("weight_decay", -1.0))),
-    Case("radam_amsgrad", lambda **kw: varjax.radam(amsgrad=True, **kw), 0.2, ADAM_BAD),
-    Case("adopt", varjax.adopt, 0.2, bad=(*ADAM_BAD, ("clip_exponent", -1.0))),
-    Case("grams", varjax.grams, bad=ADAM_BAD),
-    Case("diffgrad", varjax.diffgrad, bad=ADAM_BAD),
-    Case("adamp", varjax.adamp, bad=(*ADAM_BAD, ("delta", -0.1), ("wd_ratio", -1.0))),
-    Case("adam_atan2", varjax.adam_atan2, bad=(("b1", 1.0), ("a", 0.0), ("b", -1.0))),
-    Case("cautious_adamw", varjax.cautious_adamw, bad=ADAM_BAD),
-    Case("scale_by_radam", with_rate(varjax.scale_by_radam), bad=(*BLOCK_BAD, ("eps_root", -1))),
-    Case("scale_by_adopt", with_rate(varjax.scale_by_adopt), 0.2, bad=BLOCK_BAD),
-    Case("scale_by_grams", with_rate(varjax.scale_by_grams), bad=BLOCK_BAD),
-    Case("scale_by_diffgrad", with_rate(varjax.scale_by_diffgrad), bad=BLOCK_BAD),
-    Case("scale_by_adamp", with_rate(varjax.scale_by_adamp), bad=BLOCK_BAD),
-    Case("scale_by_adam_atan2", with_rate(varjax.scale_by_adam_atan2), bad=(("b2", 1.0),)),
     Case(
-        "rectify_adam",
-        with_rate(lambda **kw: varjax.rectify(optax.scale_by_adam(), **kw)),
-        bad=(("b1", -0.5), ("b2", 1.0), ("threshold", 0.0), ("fallback", "adam")),
-    ),
-    Case(
-        "rectify_diffgrad_sgd",
-        with_rate(lambda **kw: varjax.rectify(varjax.scale_by_diffgrad(), fallback="sgd", **kw)),
-    ),
-    Case("ademamix", varjax.ademamix, bad=(*ADAM_BAD, ("b3", 1.0), ("alpha", -1.0))),
-    Case(  # b3 = 0.9999 has a 6931-step half-life, longer than these problems
-        "ademamix_warmup",
-        lambda alpha_warmup_steps=500, **kw: varjax.ademamix(
-            b3=0.999, alpha_warmup_steps=alpha_warmup_steps, b3_warmup_steps=500, **kw
-        ),
-        bad=(("alpha_warmup_steps", 0), ("b1", 0.0)),
-    ),
-    Case(  # its momentum sums gradients: about 1 / (1 - b1) = 100 times Adam's step
-        "simplified_ademamix",
-        lambda alpha=2.0, **kw: varjax.simplified_ademamix(alpha=alpha, **kw),
-        0.001,
-        bad=(("b1", 1.0), ("b2", 1.0), ("alpha", -1.0), ("eps", -1.0)),
-    ),
-    Case("scale_by_ademamix", with_rate(varjax.scale_by_ademamix), bad=(("b2", 1.0), ("b3", -0.1))),
-    Case(
-        "second_moment_multi_ema",
-        with_rate(
-            lambda **kw: varjax.scale_by_second_moment(
-                varjax.multi_ema((0.9, 0.99), (1.0, 0.5), (True, False)), **kw
-            )
-        ),
-        bad=(("b2", 1.5), ("eps", -1.0), ("eps_root", -1.0)),
-    ),
-    Case(
-        "rectify_ademamix",
-        with_rate(lambda **kw: varjax.rectify(varjax.scale_by_ademamix(b3=0.999), **kw)),
-    ),
-    Case(
-        "cautious_ademamix",
-        with_rate(lambda **kw: varjax.cautious(varjax.scale_by_ademamix(b3=0.999, **kw))),
-        bad=(("alpha", -1.0),),
-    ),
-    Case(
-        "grokfast_ema_then_adam",
-        lambda learning_rate, **kw: optax.chain(
-            varjax.grokfast_ema(**kw), optax.adam(learning_rate)
-        ),
-        bad=(("alpha", 1.0), ("lamb", float("nan"))),
-    ),
-    Case(  # a lagged window average fights Rosenbrock's curved valley: lamb 1, not 5
-        "grokfast_ma_then_adam",
-        lambda learning_rate, lamb=1.0, window=8: optax.chain(
-            varjax.grokfast_ma(window, lamb), optax.adam(learning_rate)
-        ),
-        0.02,
-        bad=(("lamb", float("nan")), ("window", 0)),
-    ),
-    Case(
-        "cautious_lion",
-        with_rate(lambda **kw: varjax.cautious(optax.scale_by_lion(**kw))),
-    ),
-    Case(
-        "mars_adamw",
-        varjax.mars_adamw,
-        bad=(
-            *MARS_BAD,
-            ("b1_1d", 1.0),
-            ("weight_decay", -1),
-            ("weight_decay_1d", -1.0),
-            ("learning_rate_1d", -1.0),
-        ),
-    ),
-    Case("mars_adamw_all_leaves", lambda **kw: varjax.mars_adamw(optimize_1d=True, **kw)),
-    Case(
-        "mars_adamw_exact_clip_global",
-        lambda **kw: exact_form(
-            varjax.mars_adamw(exact=True, norm_scope="global", optimize_1d=True, **kw)
-        ),
-    ),
-    Case("mars_lion", lambda **kw: varjax.mars_lion(optimize_1d=True, **kw), 0.02, MARS_BAD),
-    Case("mars_shampoo", varjax.mars_shampoo, bad=MARS_BAD),
-    Case("scale_by_mars", with_rate(varjax.scale_by_mars), bad=(*BLOCK_BAD, ("ns_steps", 0))),
-    Case(
-        "mars_correction_then_lion",
-        lambda learning_rate, **kw: optax.chain(
-            varjax.mars_correction(**kw), optax.lion(learning_rate)
-        ),
-        0.02,
-        bad=(("gamma", -1.0), ("b1", 1.0), ("max_norm", 0.0), ("norm_scope", "layer")),
-    ),
-    Case(
-        "mars_correction_then_ademamix",
-        with_rate(
-            lambda **kw: optax.chain(
-                varjax.mars_correction(0.9), varjax.scale_by_ademamix(b3=0.999)
-            )
-        ),
-    ),
-    # b = 0.99: the paper's b = 0.999 lags for hundreds of steps, too long for these problems
-    Case(
-        "qhm",
-        lambda b=0.99, **kw: varjax.qhm(b=b, **kw),
-        0.01,
-        bad=(("b", -0.1), ("nu", 1.5), ("learning_rate", -1.0)),
-    ),
-    Case("scale_by_qhm", with_rate(lambda b=0.99, **kw: varjax.scale_by_qhm(b, **kw)), 0.01),
-    # heavy-ball IGT: the anytime average (gamma=None) is exact on quadratics only and
-    # stalls on Rosenbrock; it is checked against its reference in test_variance_reduction
-    Case(
-        "igt_heavy_ball",
-        lambda gamma=0.9, **kw: varjax.igt(gamma=gamma, **kw),
-        0.005,
-        (("gamma", 1.0),),
-    ),
-    Case(
-        "storm_approx",
-        lambda learning_rate, k=None, **kw: varjax.storm(
-            k=learning_rate if k is None else k, exact=False, **kw
-        ),
-        bad=(("w", 0.0), ("c", -1.0), ("k", 0.0)),
-    ),
-    Case(
-        "storm_then_adam",
-        lambda learning_rate, **kw: optax.chain(
-            varjax.scale_by_storm(exact=False, **kw), optax.adam(learning_rate)
-        ),
-        bad=(("correction", 1.5),),
-    ),
-    # min_size=0: quantize every state leaf, even the battery's tiny ones
-    # adam_8bit is adamw_8bit without weight decay: test_quantization covers it
-    Case(
-        "adamw_8bit",
-        lambda min_size=0, **kw: varjax.adamw_8bit(min_size=min_size, **kw),
-        bad=(("min_size", -1),),
-    ),
-    Case(
-        "adamw_4bit",
-        lambda **kw: varjax.adamw_4bit(min_size=0, **kw),
-        bad=(("b2", 1.0), ("block_size", 0)),
-    ),
-    Case("lion_8bit", lambda **kw: varjax.lion_8bit(min_size=0, **kw), 0.02, (("b2", 1.5),)),
-    Case("ademamix_8bit", lambda **kw: varjax.ademamix_8bit(b3=0.999, min_size=0, **kw)),
-    Case(
-        "quantized_mars_then_rate",
-        with_rate(
-            lambda **kw: varjax.quantization.quantize_state(varjax.scale_by_mars(**kw), min_size=0)
-        ),
-    ),
-    Case(
-        "autoclip_then_adam",
-        # a short window keeps the per-step sort cheap over Rosenbrock's 10k steps
-        lambda learning_rate, window=100, **kw: optax.chain(
-            varjax.autoclip(window=window, **kw), optax.adam(learning_rate)
-        ),
-        bad=(("percentile", 0.0), ("window", 0)),
-    ),
-    Case(
-        "gsnr_then_adam",
-        lambda learning_rate, **kw: with_samples(
-            optax.chain(varjax.scale_by_gsnr(**kw), optax.adam(learning_rate))
-        ),
-        bad=(("min_scale", 0.0), ("min_scale", 2.0)),
-    ),
-    Case(
-        "agvm_adam",
-        lambda learning_rate, **kw: with_samples(
-            varjax.agvm(optax.adam(learning_rate), two_groups, "first", interval=2, **kw)
-        ),
-        bad=(("momentum", 1.0), ("start_step", -1), ("min_ratio", 0.0)),
-    ),
-    # the estimate moves at most 10 a step, a lag that makes Adam at 0.1 overshoot
-    Case(
-        "quantile_clipping_then_adam",
-        lambda learning_rate, threshold=10.0, **kw: optax.chain(
-            varjax.quantile_clipping(threshold, **kw), optax.adam(learning_rate)
-        ),
-        0.02,
-        bad=(("threshold", 0.0), ("scope", "layer"), ("quantile", 0.0)),
-    ),
-    Case(  # the battery's matrices start with a spread of about 1: target 0.5 bites
-        "adamw_then_tvr",
-        lambda learning_rate, target_std=0.5, every=3, **kw: optax.chain(
-            optax.adamw(learning_rate),
-            varjax.target_variance_rescaling(target_std, every, **kw),
-        ),
-        bad=(("target_std", 0.0), ("every", 0), ("ratio_threshold", 0.5)),
-    ),
-    Case(  # the monitors pass the updates through and keep their readings in the state
-        "monitors_then_adam",
-        lambda learning_rate, small_batch_size=1, **kw: with_samples(
-            optax.chain(
-                varjax.gradient_noise_scale(small_batch_size, 2, **kw),
-                varjax.gradient_snr_monitor(),
-                optax.adam(learning_rate),
-            )
-        ),
-        bad=(("decay", 1.0), ("small_batch_size", 0)),
-    ),
-    Case(
-        "multi_momentum",
-        lambda learning_rate, **kw: with_clusters(
-            optax.chain(
-                varjax.multi_momentum(3, **kw), optax.scale_by_learning_rate(learning_rate)
-            ),
-            3,
-        ),
-        0.01,
-        bad=(("decay", 1.0), ("nu", 2.0), ("weights", (1.0,))),
-    ),
+        battery.name,
+        _maker(entry, battery),
+        battery.learning_rate,
+        battery.bad,
+        entry=entry.name,
+        sharded=battery.sharded,
+    )
+    for entry in registry.REGISTRY
+    for battery in entry.battery
 ]
 
 # The tests of one case share a worker (``--dist loadgroup`` in pyproject.toml), so

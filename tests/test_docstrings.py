@@ -59,8 +59,8 @@ def test_args_section_documents_exactly_the_signature(path: str, obj: object) ->
     """Every public function and class documents each of its parameters in an
     ``Args:`` section, and nothing else (a name not in the signature, such as a
     ``warmup_steps`` that the function calls ``alpha_warmup_steps``, fails). The
-    run-time docstring is checked: the ready optimizers of varjax/alias.py fill
-    theirs from templates at import, and that text is what users and the API
+    run-time docstring is checked: the quantized and MARS aliases of
+    varjax/alias.py are built at import, and that text is what users and the API
     pages see."""
     parameters = list(inspect.signature(obj).parameters)
     documented = _documented_parameters(inspect.getdoc(obj) or "")

@@ -318,7 +318,11 @@ INTEGER_ARGS: dict[str, set[str]] = {
     "quantize_state": {"bits", "block_size", "min_size", "seed"},
     **{
         f"{name}_{bits}bit": {"block_size", "min_size"}
-        for name in ("adam", "adamw", "lion", "ademamix")
+        for name in ("adam", "adamw", "lion")
+        for bits in (4, 8)
+    },
+    **{
+        f"ademamix_{bits}bit": {"block_size", "min_size", "alpha_warmup_steps", "b3_warmup_steps"}
         for bits in (4, 8)
     },
 }

@@ -11,7 +11,10 @@ weight decay accepts ``params=None`` when ``weight_decay`` is zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -498,25 +501,77 @@ def simplified_ademamix(
 
 
 def _mars(
-    preconditioner: str,
-    learning_rate: ScalarOrSchedule,
-    b1: float,
-    b2: float,
-    eps: float,
-    gamma: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    gamma: ScalarOrSchedule = 0.025,
+    weight_decay: ScalarOrSchedule = 0.0,
     *,
-    exact: bool,
-    optimize_1d: bool,
-    learning_rate_1d: ScalarOrSchedule | None,
-    b1_1d: float,
-    b2_1d: float,
-    weight_decay_1d: ScalarOrSchedule,
-    max_norm: float | None,
-    norm_scope: str,
-    amsgrad: bool,
+    exact: bool = False,
+    optimize_1d: bool = False,
+    learning_rate_1d: ScalarOrSchedule | None = None,
+    b1_1d: float = 0.9,
+    b2_1d: float = 0.95,
+    weight_decay_1d: ScalarOrSchedule = 0.1,
+    max_norm: float | None = 1.0,
+    norm_scope: str = "tensor",
+    amsgrad: bool = False,
+    preconditioner: str = "adamw",
 ) -> optax.GradientTransformationExtraArgs:
-    """MARS on matrices, and AdamW (no correction) on other leaves unless ``optimize_1d``."""
+    """Matrices (``ndim == 2``) take the MARS step; other leaves (biases, norms,
+    scalars, and convolution kernels) take plain AdamW with ``b1_1d``, ``b2_1d``,
+    ``learning_rate_1d`` (``None``: the same as ``learning_rate``) and
+    ``weight_decay_1d``, as the official code does with ``optimize_1d=False``;
+    ``optimize_1d=True`` gives every leaf the MARS step. (pytorch-optimizer's
+    ``MARS`` sends every leaf with ``ndim >= 2`` to MARS.) Defaults are the
+    official ones: ``b1=0.95, b2=0.99, gamma=0.025, weight_decay=0``, and
+    ``b1_1d=0.9, b2_1d=0.95, weight_decay_1d=0.1``; the official ``lr_1d=3e-3``
+    equals the default learning rate. Weight decay is decoupled and scaled by
+    the learning rate, as in the official code. With ``exact=True`` pass
+    ``previous_grads`` to ``update`` (see :func:`varjax.mars_value_and_grad`).
+
+    The one home of the MARS aliases' signature: :func:`varjax.mars_adamw`,
+    :func:`varjax.mars_lion` and :func:`varjax.mars_shampoo` are built from it by
+    :func:`_mars_alias`, which fixes ``preconditioner`` (and ``amsgrad`` but for AdamW).
+
+    Args:
+      learning_rate: the step size of the MARS leaves (and of the others unless
+        ``learning_rate_1d`` is set), a float >= 0 or an ``optax.Schedule``
+        (3e-3 as the official code).
+      b1: decay of the momentum of the corrected gradient, in [0, 1); it also
+        sets the correction's scale ``gamma * b1 / (1 - b1)``.
+      b2: decay of the second moment of ``c_t``, in [0, 1) (the Lion step has
+        no second moment and ignores it).
+      eps: added to the denominator ``sqrt(v_hat)``, >= 0 (also for the AdamW
+        step of the other leaves).
+      gamma: the weight of the gradient correction, >= 0, or a schedule
+        (0: no correction).
+      weight_decay: decoupled weight decay of the MARS leaves, scaled by the
+        learning rate; a float >= 0 or a schedule (default 0: none).
+      exact: the exact form: ``update`` takes ``previous_grads``, the gradient
+        at the previous parameters on the current batch. ``False`` (default):
+        the approximate form, with the previous step's gradient kept in the state.
+      optimize_1d: give every leaf the MARS step; ``False`` (default): matrices
+        only, the other leaves take AdamW.
+      learning_rate_1d: the step size of the other leaves, a float >= 0 or a
+        schedule; ``None`` (default): ``learning_rate``.
+      b1_1d: decay of the first moment of the other leaves' AdamW, in [0, 1).
+      b2_1d: decay of the second moment of the other leaves' AdamW, in [0, 1).
+      weight_decay_1d: decoupled weight decay of the other leaves, a float >= 0
+        or a schedule (0.1 as the official code).
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
+        > 0; ``None``: no clip.
+      norm_scope: ``"tensor"`` (default, the official code): one norm per leaf;
+        ``"global"``: one norm over the tree.
+      amsgrad: use the running maximum of the bias-corrected second moment
+        (AMSGrad) in the MARS step.
+      preconditioner: ``"adamw"``, ``"lion"`` or ``"shampoo"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
+      ``previous_grads`` when ``exact=True``.
+    """
     block = variance_reduction.scale_by_mars(
         b1,
         b2,
@@ -562,178 +617,101 @@ def _mars(
     return optax.GradientTransformationExtraArgs(partition.init, update_fn)
 
 
-_MARS_ARGS_DOC = """
-    Matrices (``ndim == 2``) take the MARS step; other leaves (biases, norms,
-    scalars, and convolution kernels) take plain AdamW with ``b1_1d``, ``b2_1d``,
-    ``learning_rate_1d`` (``None``: the same as ``learning_rate``) and
-    ``weight_decay_1d``, as the official code does with ``optimize_1d=False``;
-    ``optimize_1d=True`` gives every leaf the MARS step. (pytorch-optimizer's
-    ``MARS`` sends every leaf with ``ndim >= 2`` to MARS.) Defaults are the
-    official ones: ``b1=0.95, b2=0.99, gamma=0.025, weight_decay=0``, and
-    ``b1_1d=0.9, b2_1d=0.95, weight_decay_1d=0.1``; the official ``lr_1d=3e-3``
-    equals the default learning rate. Weight decay is decoupled and scaled by
-    the learning rate, as in the official code. With ``exact=True`` pass
-    ``previous_grads`` to ``update`` (see :func:`varjax.mars_value_and_grad`).
-"""
+def _built(
+    name: str,
+    make: Callable[..., Any],
+    signature: inspect.Signature,
+    doc: str,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """A public function ``name`` of ``signature`` that calls ``make`` with its arguments
+    bound by name: its ``inspect.signature`` is ``signature`` (so ``optax.inject_hyperparams``
+    sees every argument and default) and its ``__doc__`` is ``doc``."""
 
-_MARS_PARAMS_DOC = """
-    Args:
-      learning_rate: the step size of the MARS leaves (and of the others unless
-        ``learning_rate_1d`` is set), a float >= 0 or an ``optax.Schedule``
-        (3e-3 as the official code).
-      b1: decay of the momentum of the corrected gradient, in [0, 1); it also
-        sets the correction's scale ``gamma * b1 / (1 - b1)``.
-      b2: decay of the second moment of ``c_t``, in [0, 1) (the Lion step has
-        no second moment and ignores it).
-      eps: added to the denominator ``sqrt(v_hat)``, >= 0 (also for the AdamW
-        step of the other leaves).
-      gamma: the weight of the gradient correction, >= 0, or a schedule
-        (0: no correction).
-      weight_decay: decoupled weight decay of the MARS leaves, scaled by the
-        learning rate; a float >= 0 or a schedule (default 0: none).
-      exact: the exact form: ``update`` takes ``previous_grads``, the gradient
-        at the previous parameters on the current batch. ``False`` (default):
-        the approximate form, with the previous step's gradient kept in the state.
-      optimize_1d: give every leaf the MARS step; ``False`` (default): matrices
-        only, the other leaves take AdamW.
-      learning_rate_1d: the step size of the other leaves, a float >= 0 or a
-        schedule; ``None`` (default): ``learning_rate``.
-      b1_1d: decay of the first moment of the other leaves' AdamW, in [0, 1).
-      b2_1d: decay of the second moment of the other leaves' AdamW, in [0, 1).
-      weight_decay_1d: decoupled weight decay of the other leaves, a float >= 0
-        or a schedule (0.1 as the official code).
-      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
-        > 0; ``None``: no clip.
-      norm_scope: ``"tensor"`` (default, the official code): one norm per leaf;
-        ``"global"``: one norm over the tree."""
+    def function(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return make(**bound.arguments)
 
-_MARS_RETURNS_DOC = """
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
-      ``previous_grads`` when ``exact=True``.
-"""
+    function.__name__ = function.__qualname__ = name
+    function.__module__ = __name__
+    function.__signature__ = signature  # type: ignore[attr-defined]
+    function.__doc__ = doc
+    return function
 
 
-def mars_adamw(
-    learning_rate: ScalarOrSchedule = 3e-3,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    gamma: ScalarOrSchedule = 0.025,
-    weight_decay: ScalarOrSchedule = 0.0,
-    *,
-    exact: bool = False,
-    optimize_1d: bool = False,
-    learning_rate_1d: ScalarOrSchedule | None = None,
-    b1_1d: float = 0.9,
-    b2_1d: float = 0.95,
-    weight_decay_1d: ScalarOrSchedule = 0.1,
-    max_norm: float | None = 1.0,
-    norm_scope: str = "tensor",
-    amsgrad: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+def _sections(doc: str) -> tuple[str, list[str], str]:
+    """A Google docstring's text before ``Args:``, its argument entries, and the rest."""
+    text = inspect.cleandoc(doc)
+    head, _, rest = text.partition("\nArgs:\n")
+    body, _, tail = rest.partition("\n\n")
+    return head.strip(), [f"  {entry}" for entry in re.split(r"\n  (?! )", body.strip())], tail
+
+
+def _without(signature: inspect.Signature, names: Any) -> inspect.Signature:
+    return signature.replace(
+        parameters=[p for n, p in signature.parameters.items() if n not in names]
+    )
+
+
+def _mars_alias(
+    name: str, preconditioner: str, summary: str, example: str
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """``varjax.<name>``: :func:`_mars` with ``preconditioner`` fixed (and ``amsgrad=False``
+    but for AdamW), its docstring ``summary``, :func:`_mars`'s text and Args, ``example``."""
+    fixed = {"preconditioner": preconditioner}
+    if preconditioner != "adamw":
+        fixed["amsgrad"] = False
+    head, entries, tail = _sections(_mars.__doc__ or "")
+    head = head.split("\n\n")[0]  # not the paragraph about this function itself
+    kept = [e for e in entries if e.split(":", 1)[0].strip() not in fixed]
+    doc = "\n\n".join(
+        [summary, head, "Args:\n" + "\n".join(kept), tail.strip(), "Example:\n" + example]
+    )
+    return _built(
+        name, functools.partial(_mars, **fixed), _without(inspect.signature(_mars), fixed), doc
+    )
+
+
+mars_adamw = _mars_alias(
+    "mars_adamw",
+    "adamw",
     """MARS-AdamW (Yuan et al., 2024): the variance-reduced gradient fed to AdamW.
 
-    See :func:`varjax.scale_by_mars` for the step.
-    {args}{params}
-      amsgrad: use the running maximum of the bias-corrected second moment
-        (AMSGrad) in the MARS step.
-    {returns}
-    Example:
-      >>> import jax.numpy as jnp, optax, varjax
-      >>> tx = varjax.mars_adamw(3e-3)
-      >>> params = {{"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
-      >>> grads = {{"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
-      >>> updates, state = tx.update(grads, tx.init(params), params)
-    """
-    return _mars(
-        "adamw", learning_rate, b1, b2, eps, gamma, weight_decay, exact=exact,
-        optimize_1d=optimize_1d, learning_rate_1d=learning_rate_1d, b1_1d=b1_1d, b2_1d=b2_1d,
-        weight_decay_1d=weight_decay_1d, max_norm=max_norm, norm_scope=norm_scope,
-        amsgrad=amsgrad,
-    )  # fmt: skip
+See :func:`varjax.scale_by_mars` for the step.""",
+    """  >>> import jax.numpy as jnp, optax, varjax
+  >>> tx = varjax.mars_adamw(3e-3)
+  >>> params = {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
+  >>> grads = {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}
+  >>> updates, state = tx.update(grads, tx.init(params), params)""",
+)
 
-
-def mars_lion(
-    learning_rate: ScalarOrSchedule = 3e-3,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    gamma: ScalarOrSchedule = 0.025,
-    weight_decay: ScalarOrSchedule = 0.0,
-    *,
-    exact: bool = False,
-    optimize_1d: bool = False,
-    learning_rate_1d: ScalarOrSchedule | None = None,
-    b1_1d: float = 0.9,
-    b2_1d: float = 0.95,
-    weight_decay_1d: ScalarOrSchedule = 0.1,
-    max_norm: float | None = 1.0,
-    norm_scope: str = "tensor",
-) -> optax.GradientTransformationExtraArgs:
+mars_lion = _mars_alias(
+    "mars_lion",
+    "lion",
     """MARS-Lion (Yuan et al., 2024): ``sign`` of the EMA of the corrected gradient.
 
-    ``b2`` is unused (the sign step has no second moment, and the other leaves'
-    AdamW takes ``b2_1d``); ``eps`` only matters for those leaves. The
-    official hyper-parameters were tuned for MARS-AdamW: tune the learning
-    rate (sign steps are larger; Lion's rule of thumb is 3-10x smaller).
-    {args}{params}
-    {returns}
-    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.mars_lion(3e-4)
-      >>> state = tx.init({{"kernel": jnp.ones((4, 3))}})
-    """
-    return _mars(
-        "lion", learning_rate, b1, b2, eps, gamma, weight_decay, exact=exact,
-        optimize_1d=optimize_1d, learning_rate_1d=learning_rate_1d, b1_1d=b1_1d, b2_1d=b2_1d,
-        weight_decay_1d=weight_decay_1d, max_norm=max_norm, norm_scope=norm_scope,
-        amsgrad=False,
-    )  # fmt: skip
+``b2`` is unused (the sign step has no second moment, and the other leaves'
+AdamW takes ``b2_1d``); ``eps`` only matters for those leaves. The
+official hyper-parameters were tuned for MARS-AdamW: tune the learning
+rate (sign steps are larger; Lion's rule of thumb is 3-10x smaller).""",
+    """  >>> import jax.numpy as jnp, varjax
+  >>> tx = varjax.mars_lion(3e-4)
+  >>> state = tx.init({"kernel": jnp.ones((4, 3))})""",
+)
 
-
-def mars_shampoo(
-    learning_rate: ScalarOrSchedule = 3e-3,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    gamma: ScalarOrSchedule = 0.025,
-    weight_decay: ScalarOrSchedule = 0.0,
-    *,
-    exact: bool = False,
-    optimize_1d: bool = False,
-    learning_rate_1d: ScalarOrSchedule | None = None,
-    b1_1d: float = 0.9,
-    b2_1d: float = 0.95,
-    weight_decay_1d: ScalarOrSchedule = 0.1,
-    max_norm: float | None = 1.0,
-    norm_scope: str = "tensor",
-) -> optax.GradientTransformationExtraArgs:
+mars_shampoo = _mars_alias(
+    "mars_shampoo",
+    "shampoo",
     """MARS-Shampoo (Yuan et al., 2024): the momentum orthogonalised by Newton-Schulz.
 
-    Matrices step by ``U V^T`` of the momentum (five quintic Newton-Schulz
-    iterations in float32, the official coefficients; the official code
-    iterates in bfloat16), scaled by ``sqrt(max(1, rows / cols))``. Tune the
-    learning rate: the official values were tuned for MARS-AdamW.
-    {args}{params}
-    {returns}
-    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.mars_shampoo(1e-2)
-      >>> state = tx.init({{"kernel": jnp.ones((4, 3))}})
-    """
-    return _mars(
-        "shampoo", learning_rate, b1, b2, eps, gamma, weight_decay, exact=exact,
-        optimize_1d=optimize_1d, learning_rate_1d=learning_rate_1d, b1_1d=b1_1d, b2_1d=b2_1d,
-        weight_decay_1d=weight_decay_1d, max_norm=max_norm, norm_scope=norm_scope,
-        amsgrad=False,
-    )  # fmt: skip
-
-
-for _fn in (mars_adamw, mars_lion, mars_shampoo):
-    _fn.__doc__ = _fn.__doc__.format(
-        args=_MARS_ARGS_DOC, params=_MARS_PARAMS_DOC, returns=_MARS_RETURNS_DOC
-    )
+Matrices step by ``U V^T`` of the momentum (five quintic Newton-Schulz
+iterations in float32, the official coefficients; the official code
+iterates in bfloat16), scaled by ``sqrt(max(1, rows / cols))``. Tune the
+learning rate: the official values were tuned for MARS-AdamW.""",
+    """  >>> import jax.numpy as jnp, varjax
+  >>> tx = varjax.mars_shampoo(1e-2)
+  >>> state = tx.init({"kernel": jnp.ones((4, 3))})""",
+)
 
 
 def qhm(
@@ -809,20 +787,82 @@ def igt(
     return trainable_leaves_only(variance_reduction.implicit_gradient_transport(inner, gamma))
 
 
-_QUANTIZED_DOC = """
-    The optimizer state is kept block-wise quantized by
-    :func:`varjax.quantize_state`. Inside ``optax.inject_hyperparams`` the
-    learning rate, betas and weight decay can be injected; an explicit
-    ``block_size`` or ``min_size`` must then be named in ``static_args``. The
-    wrapper holds the whole optimizer, weight decay and learning rate included,
-    so a step with a non-finite gradient (or one that overflows the state) is
-    skipped whole: zero updates, the state and any learning-rate schedule
-    unchanged, and ``state.skipped`` counts it. 8 bits:
-    bitsandbytes' dynamic maps, about 2.04 bytes per parameter for two moments
-    instead of 8. 4 bits: the maps of Li et al. (2023), about 1.06 bytes.
-"""
+def _adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW: ``optax.scale_by_adam``, decoupled weight decay, the learning rate.
 
-_QUANTIZED_PARAMS_DOC = """
+    The full-precision alias of :func:`varjax.adamw_8bit` and the other quantized Adams.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-4).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).
+    """
+    check_adam_hyperparameters(b1, b2, eps)
+    block = optax.scale_by_adam(b1, b2, eps)
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+def _lion(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: ScalarOrSchedule = 1e-3,
+    *,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Lion (Chen et al., 2023): ``optax.scale_by_lion``, weight decay, the learning rate.
+
+    The full-precision alias of :func:`varjax.lion_8bit` and :func:`varjax.lion_4bit`.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: Lion's interpolation between momentum and gradient for the step, in [0, 1].
+      b2: decay of Lion's momentum, in [0, 1].
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-3).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).
+    """
+    check_interval("b1", b1, 0.0, 1.0)
+    check_interval("b2", b2, 0.0, 1.0)
+    block = optax.scale_by_lion(b1, b2)
+    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+
+
+_QUANTIZED_DOC = """The optimizer state is kept block-wise quantized by
+:func:`varjax.quantize_state`. Inside ``optax.inject_hyperparams`` the
+learning rate, betas and weight decay can be injected; an explicit
+``block_size`` or ``min_size`` must then be named in ``static_args``. The
+wrapper holds the whole optimizer, weight decay and learning rate included,
+so a step with a non-finite gradient (or one that overflows the state) is
+skipped whole: zero updates, the state and any learning-rate schedule
+unchanged, and ``state.skipped`` counts it. 8 bits:
+bitsandbytes' dynamic maps, about 2.04 bytes per parameter for two moments
+instead of 8. 4 bits: the maps of Li et al. (2023), about 1.06 bytes."""
+
+
+def _quantization_args(
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> None:
+    """The quantized aliases' own arguments, after those of their full-precision alias.
+
+    Args:
       block_size: entries per quantization block along the last axis, an int
         >= 1 (each block keeps one float32 absmax); ``None``: 256 at 8 bits,
         128 at 4 bits.
@@ -838,349 +878,104 @@ _QUANTIZED_PARAMS_DOC = """
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       :class:`varjax.quantization.QuantizedState`.
+    """
 
-"""
 
-
-def _quantized_adam(
+def _quantized(
+    name: str,
+    full: Callable[..., optax.GradientTransformation],
     bits: int,
-    learning_rate: ScalarOrSchedule,
-    b1: float,
-    b2: float,
-    eps: float,
-    weight_decay: ScalarOrSchedule,
-    mask: MaskOrFn,
-    quantization: dict[str, Any],
-) -> optax.GradientTransformationExtraArgs:
-    check_adam_hyperparameters(b1, b2, eps)
-    step = _with_decay_and_rate(optax.scale_by_adam(b1, b2, eps), learning_rate, weight_decay, mask)
-    return quantize_state(step, bits=bits, **quantization)
+    summary: str,
+    fixed: Mapping[str, Any] | None = None,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """``varjax.<name>``: ``full`` (less the ``fixed`` arguments) in
+    :func:`varjax.quantize_state` at ``bits``, one wrapper around the whole chain.
 
-
-def _quantized_lion(
-    bits: int,
-    learning_rate: ScalarOrSchedule,
-    b1: float,
-    b2: float,
-    weight_decay: ScalarOrSchedule,
-    mask: MaskOrFn,
-    quantization: dict[str, Any],
-) -> optax.GradientTransformationExtraArgs:
-    check_interval("b1", b1, 0.0, 1.0)
-    check_interval("b2", b2, 0.0, 1.0)
-    step = _with_decay_and_rate(optax.scale_by_lion(b1, b2), learning_rate, weight_decay, mask)
-    return quantize_state(step, bits=bits, **quantization)
-
-
-def _quantized_ademamix(
-    bits: int,
-    learning_rate: ScalarOrSchedule,
-    b1: float,
-    b2: float,
-    b3: float,
-    alpha: float,
-    eps: float,
-    weight_decay: ScalarOrSchedule,
-    quantization: dict[str, Any],
-) -> optax.GradientTransformationExtraArgs:
-    step = _with_decay_and_rate(
-        multi_ema.scale_by_ademamix(b1, b2, b3, alpha, eps), learning_rate, weight_decay
-    )
-    return quantize_state(step, bits=bits, **quantization)
-
-
-def adam_8bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Adam with 8-bit state (Dettmers et al., 2022), as bitsandbytes' ``Adam8bit``.
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: decay of the first-moment EMA, in [0, 1).
-      b2: decay of the second-moment EMA, in [0, 1).
-      eps: added to ``sqrt(nu_hat)``, >= 0.{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.adam_8bit(1e-3)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
+    Its signature is ``full``'s (without ``fixed``), then :func:`_quantization_args`'s
+    as keyword-only arguments; its docstring ``summary``, the quantization paragraph,
+    both Args sections, and an example.
     """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
+    fixed = dict(fixed or {})
+    own = inspect.signature(_quantization_args).parameters
+    full_signature = _without(inspect.signature(full), fixed)
+    parameters = [*full_signature.parameters.values()]
+    parameters += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.values()]
+    signature = full_signature.replace(
+        parameters=parameters, return_annotation="optax.GradientTransformationExtraArgs"
     )
-    return _quantized_adam(8, learning_rate, b1, b2, eps, 0.0, None, quantization)
 
+    def make(**arguments: Any) -> optax.GradientTransformationExtraArgs:
+        quantization = {key: arguments.pop(key) for key in own}
+        return quantize_state(full(**arguments, **fixed), bits=bits, **quantization)
 
-def adam_4bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Adam with 4-bit state (Li et al., 2023, "Memory Efficient Optimizers with 4-bit States").
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: decay of the first-moment EMA, in [0, 1).
-      b2: decay of the second-moment EMA, in [0, 1).
-      eps: added to ``sqrt(nu_hat)``, >= 0.{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.adam_4bit(1e-3)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
-    """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
+    _, entries, _ = _sections(full.__doc__ or "")
+    entries = [e for e in entries if e.split(":", 1)[0].strip() not in fixed]
+    _, own_entries, returns = _sections(_quantization_args.__doc__ or "")
+    example = (
+        "  >>> import jax.numpy as jnp, varjax\n"
+        f"  >>> tx = varjax.{name}(1e-3)\n"
+        '  >>> state = tx.init({"w": jnp.zeros((128, 64))})'
     )
-    return _quantized_adam(4, learning_rate, b1, b2, eps, 0.0, None, quantization)
-
-
-def adamw_8bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: ScalarOrSchedule = 1e-4,
-    *,
-    mask: MaskOrFn = None,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """AdamW with 8-bit state. ``weight_decay=1e-4`` as ``optax.adamw`` (bitsandbytes'
-    ``AdamW8bit`` defaults to 1e-2).
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: decay of the first-moment EMA, in [0, 1).
-      b2: decay of the second-moment EMA, in [0, 1).
-      eps: added to ``sqrt(nu_hat)``, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
-        float >= 0 or a schedule (default 1e-4).
-      mask: which leaves decay: a pytree of booleans like the parameters, or a
-        function of the parameters returning one (``None``: all).{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.adamw_8bit(1e-3, weight_decay=0.1)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
-    """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
+    doc = "\n\n".join(
+        [
+            summary,
+            _QUANTIZED_DOC,
+            "Args:\n" + "\n".join([*entries, *own_entries]),
+            returns.strip(),
+            "Example:\n" + example,
+        ]
     )
-    return _quantized_adam(8, learning_rate, b1, b2, eps, weight_decay, mask, quantization)
+    return _built(name, make, signature, doc)
 
 
-def adamw_4bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: ScalarOrSchedule = 1e-4,
-    *,
-    mask: MaskOrFn = None,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """AdamW with 4-bit state (Li et al., 2023). ``weight_decay=1e-4`` as ``optax.adamw``.
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: decay of the first-moment EMA, in [0, 1).
-      b2: decay of the second-moment EMA, in [0, 1).
-      eps: added to ``sqrt(nu_hat)``, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
-        float >= 0 or a schedule (default 1e-4).
-      mask: which leaves decay: a pytree of booleans like the parameters, or a
-        function of the parameters returning one (``None``: all).{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.adamw_4bit(1e-3, weight_decay=0.1)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
-    """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
-    )
-    return _quantized_adam(4, learning_rate, b1, b2, eps, weight_decay, mask, quantization)
+_NO_DECAY = {"weight_decay": 0.0, "mask": None}
 
-
-def lion_8bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    weight_decay: ScalarOrSchedule = 1e-3,
-    *,
-    mask: MaskOrFn = None,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Lion (Chen et al., 2023) with 8-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: Lion's interpolation between momentum and gradient for the step, in [0, 1].
-      b2: decay of Lion's momentum, in [0, 1].
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
-        float >= 0 or a schedule (default 1e-3).
-      mask: which leaves decay: a pytree of booleans like the parameters, or a
-        function of the parameters returning one (``None``: all).{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.lion_8bit(1e-4)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
-    """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
-    )
-    return _quantized_lion(8, learning_rate, b1, b2, weight_decay, mask, quantization)
-
-
-def lion_4bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    weight_decay: ScalarOrSchedule = 1e-3,
-    *,
-    mask: MaskOrFn = None,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Lion with 4-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: Lion's interpolation between momentum and gradient for the step, in [0, 1].
-      b2: decay of Lion's momentum, in [0, 1].
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
-        float >= 0 or a schedule (default 1e-3).
-      mask: which leaves decay: a pytree of booleans like the parameters, or a
-        function of the parameters returning one (``None``: all).{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.lion_4bit(1e-4)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
-    """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
-    )
-    return _quantized_lion(4, learning_rate, b1, b2, weight_decay, mask, quantization)
-
-
-def ademamix_8bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: float = 0.9999,
-    alpha: float = 5.0,
-    eps: float = 1e-8,
-    weight_decay: ScalarOrSchedule = 0.0,
-    *,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """AdEMAMix (:func:`varjax.ademamix`) with its three moments in 8 bits, as
-    bitsandbytes' ``AdEMAMix8bit``.
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: decay of the fast EMA (bias-corrected), in [0, 1).
-      b2: decay of the second-moment EMA, in [0, 1).
-      b3: decay of the slow EMA, in [0, 1).
-      alpha: weight of the slow EMA, >= 0.
-      eps: added to ``sqrt(nu_hat)``, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
-        float >= 0 or a schedule (default 0: none).{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.ademamix_8bit(1e-3)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
-    """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
-    )
-    return _quantized_ademamix(8, learning_rate, b1, b2, b3, alpha, eps, weight_decay, quantization)
-
-
-def ademamix_4bit(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: float = 0.9999,
-    alpha: float = 5.0,
-    eps: float = 1e-8,
-    weight_decay: ScalarOrSchedule = 0.0,
-    *,
-    block_size: int | None = None,
-    min_size: int | None = None,
-    stochastic_rounding: bool = False,
-    roles: RoleOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-    """AdEMAMix (:func:`varjax.ademamix`) with its three moments in 4 bits.
-    {doc}
-    Args:
-      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
-      b1: decay of the fast EMA (bias-corrected), in [0, 1).
-      b2: decay of the second-moment EMA, in [0, 1).
-      b3: decay of the slow EMA, in [0, 1).
-      alpha: weight of the slow EMA, >= 0.
-      eps: added to ``sqrt(nu_hat)``, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
-        float >= 0 or a schedule (default 0: none).{params}    Example:
-      >>> import jax.numpy as jnp, varjax
-      >>> tx = varjax.ademamix_4bit(1e-3)
-      >>> state = tx.init({{"w": jnp.zeros((128, 64))}})
-    """
-    quantization = dict(
-        block_size=block_size,
-        min_size=min_size,
-        stochastic_rounding=stochastic_rounding,
-        roles=roles,
-    )
-    return _quantized_ademamix(4, learning_rate, b1, b2, b3, alpha, eps, weight_decay, quantization)
-
-
-for _fn in (
-    adam_8bit,
-    adam_4bit,
-    adamw_8bit,
-    adamw_4bit,
-    lion_8bit,
-    lion_4bit,
-    ademamix_8bit,
-    ademamix_4bit,
-):
-    _fn.__doc__ = _fn.__doc__.format(doc=_QUANTIZED_DOC, params=_QUANTIZED_PARAMS_DOC)
+adam_8bit = _quantized(
+    "adam_8bit",
+    _adamw,
+    8,
+    "Adam with 8-bit state (Dettmers et al., 2022), as bitsandbytes' ``Adam8bit``.",
+    _NO_DECAY,
+)
+adam_4bit = _quantized(
+    "adam_4bit",
+    _adamw,
+    4,
+    'Adam with 4-bit state (Li et al., 2023, "Memory Efficient Optimizers with 4-bit States").',
+    _NO_DECAY,
+)
+adamw_8bit = _quantized(
+    "adamw_8bit",
+    _adamw,
+    8,
+    "AdamW with 8-bit state. ``weight_decay=1e-4`` as ``optax.adamw`` (bitsandbytes'\n"
+    "``AdamW8bit`` defaults to 1e-2).",
+)
+adamw_4bit = _quantized(
+    "adamw_4bit",
+    _adamw,
+    4,
+    "AdamW with 4-bit state (Li et al., 2023). ``weight_decay=1e-4`` as ``optax.adamw``.",
+)
+lion_8bit = _quantized(
+    "lion_8bit",
+    _lion,
+    8,
+    "Lion (Chen et al., 2023) with 8-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.",
+)
+lion_4bit = _quantized(
+    "lion_4bit", _lion, 4, "Lion with 4-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``."
+)
+ademamix_8bit = _quantized(
+    "ademamix_8bit",
+    ademamix,
+    8,
+    "AdEMAMix (:func:`varjax.ademamix`) with its three moments in 8 bits, as\n"
+    "bitsandbytes' ``AdEMAMix8bit``.",
+)
+ademamix_4bit = _quantized(
+    "ademamix_4bit",
+    ademamix,
+    4,
+    "AdEMAMix (:func:`varjax.ademamix`) with its three moments in 4 bits.",
+)

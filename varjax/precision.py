@@ -78,6 +78,7 @@ __all__ = [
     "bf16_adamw",
     "bf16_adamw_8bit",
     "combine_float32",
+    "exact_float32",
     "in_float32",
     "kahan_summation",
     "landing_update",
@@ -135,7 +136,7 @@ def landing_update(target: jax.Array, param: jax.Array) -> jax.Array:
     >>> u.dtype, bool(jnp.all((p + u).astype(p.dtype) == t))
     (dtype('float32'), True)
     """
-    t32, p32 = target.astype(jnp.float32), param.astype(jnp.float32)
+    t32, p32 = exact_float32(target), exact_float32(param)
     return jnp.where(target == param, jnp.zeros_like(t32), t32 - p32)
 
 
@@ -198,11 +199,11 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
         return jnp.where(jnp.isfinite(x), rounded, x.astype(dtype))
     if dtype == jnp.dtype(jnp.float16):
         nearest = x.astype(dtype)
-        above = nearest.astype(jnp.float32) > x
+        above = exact_float32(nearest) > x
         other = jnp.nextafter(nearest, jnp.where(above, -jnp.inf, jnp.inf).astype(dtype))
         lo = jnp.where(above, other, nearest)
         hi = jnp.where(above, nearest, other)
-        lo32, hi32 = lo.astype(jnp.float32), hi.astype(jnp.float32)
+        lo32, hi32 = exact_float32(lo), exact_float32(hi)
         span = jnp.where(hi32 > lo32, hi32 - lo32, 1.0)
         uniform = (random_bits(key, x.shape) >> 8).astype(jnp.float32) * 2.0**-24
         up = uniform < (x - lo32) / span
@@ -224,16 +225,53 @@ def split_float32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     >>> hi.tolist(), lo.tolist(), combine_float32(hi, lo).tolist()
     ([1.0, -3.0], [8, 0], [1.0000009536743164, -3.0])
     """
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
-    top = jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    # Bit casts between float32 and pairs of uint16 (low half first), not shifts and
+    # masks: XLA:GPU (jax 0.11.2) miscompiled ``(bits & 0xFFFF).astype(uint16)`` of a
+    # fused sum into 0s and 1s (benchmarks/bf16_backend_check.py).
+    halves = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint16)
+    top = jax.lax.bitcast_convert_type(halves[..., 1], jnp.bfloat16)
     top = jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, jnp.bfloat16), top)
-    return top, (bits & 0xFFFF).astype(jnp.uint16)
+    return top, halves[..., 0]
 
 
 def combine_float32(hi: jax.Array, lo: jax.Array) -> jax.Array:
     """The float32 whose top 16 bits are the bfloat16 ``hi`` and whose low 16 bits are ``lo``."""
-    top = jax.lax.bitcast_convert_type(hi.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type((top << 16) | lo.astype(jnp.uint32), jnp.float32)
+    top = jax.lax.bitcast_convert_type(jnp.asarray(hi, jnp.bfloat16), jnp.uint16)
+    halves = jnp.stack([jnp.asarray(lo, jnp.uint16), top], axis=-1)
+    return jax.lax.bitcast_convert_type(halves, jnp.float32)
+
+
+def exact_float32(x: jax.Array) -> jax.Array:
+    """``x.astype(float32)`` for a bfloat16 or float16 ``x``, immune to excess precision.
+
+    XLA may skip the rounding of a value it converts to a narrower float and
+    straight back (``xla_allow_excess_precision``, on by default; XLA:GPU does
+    it): ``float32(bfloat16(y))`` can then be ``y`` itself, and a rounding error
+    computed as ``y - float32(bfloat16(y))`` comes out zero. Here the narrow
+    value is read from its bits, which XLA cannot skip: a bfloat16 is the top
+    half of a float32; a float16's sign, exponent and fraction are moved into
+    float32's fields (its subnormals, ``fraction * 2**-24``, are exact in
+    float32).
+
+    >>> import jax, jax.numpy as jnp
+    >>> y = jnp.float32(1.0 + 2.0**-10)
+    >>> float(jax.jit(lambda y: y - exact_float32(y.astype(jnp.bfloat16)))(y))
+    0.0009765625
+    """
+    x = jnp.asarray(x)
+    if x.dtype == jnp.dtype(jnp.bfloat16):
+        return combine_float32(x, jnp.zeros(x.shape, jnp.uint16))
+    if x.dtype == jnp.dtype(jnp.float16):
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        negative = bits >= 0x8000
+        exponent = (bits >> 10) % 32
+        fraction = bits % 1024
+        # normal numbers: rebias the exponent (15 -> 127); infinities and NaNs: all ones
+        field = jnp.where(exponent == 31, jnp.uint32(255), exponent + 112)
+        normal = jax.lax.bitcast_convert_type((field << 23) + (fraction << 13), jnp.float32)
+        magnitude = jnp.where(exponent == 0, fraction.astype(jnp.float32) * 2.0**-24, normal)
+        return jnp.where(negative, -magnitude, magnitude)
+    return x.astype(jnp.float32)
 
 
 def _sum32(param: jax.Array, update: jax.Array) -> jax.Array:
@@ -395,7 +433,7 @@ def kahan_summation(compensation_dtype: Any = None) -> optax.GradientTransformat
                 return u, c
             x = p.astype(jnp.float32) + (jnp.asarray(u).astype(jnp.float32) + c.astype(jnp.float32))
             target = x.astype(p.dtype)
-            residual = x - target.astype(jnp.float32)
+            residual = x - exact_float32(target)
             residual = jnp.where(jnp.isfinite(residual), residual, 0.0)
             return landing_update(target, p), residual.astype(c.dtype)
 
@@ -463,8 +501,13 @@ def split_mantissa(
     gradients in float32 and the master weights as ``params``. Given the same
     gradients, the reconstructed float32 weights then follow the float32-weight
     run of ``inner`` bit for bit, weight decay and every other read of the
-    parameters included. Without ``inner``, chain it last after an update rule
-    (best in float32 via :func:`in_float32`): a rule that reads the parameters
+    parameters included, as far as XLA compiles the two steps' arithmetic
+    alike: it may contract a multiply and an add into one fused multiply-add in
+    one program and not in the other (measured on CPU: with bfloat16 gradients,
+    0.2% of the weights of a 33 x 17 leaf one float32 ulp apart after two Adam
+    steps; with float32 gradients none over 200 steps). Without ``inner``,
+    chain it last after an update rule (best in float32 via
+    :func:`in_float32`): a rule that reads the parameters
     (decoupled weight decay, AdamP's projection) then reads the truncated
     bfloat16 weights, off by less than one bfloat16 ulp (2**-7 relative), so
     the weight-decay term of each step is off by less than ``2**-7`` of itself.

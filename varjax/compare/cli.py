@@ -123,11 +123,7 @@ optimizers:
 
 default learning rates (when not given):
   the task's AdamW rate (--learning-rate, 3e-3 for both tasks, 5e-4 for the gpu preset) times:
-    1/3   sign updates: optax.lion, signum, sign_sgd, varjax.lion_8bit, lion_4bit, mars_lion
-    3     orthogonalised updates: varjax.mars_shampoo, optax.contrib.muon
-    1/100 summed momentum: simplified_ademamix (varjax and optax.contrib)
-    100   plain SGD-type steps: optax.sgd, noisy_sgd, varjax.qhm
-    30    varjax.igt
+{multipliers}
     1     all others
   learning-rate-free methods (optax.contrib prodigy, dadapt_adamw, dog, dowg,
   cocob, momo, momo_adam) keep their own default.
@@ -141,7 +137,24 @@ def _epilog() -> str:
         f"  {name:<10}  " + "\n              ".join(_wrap(preset.description, 62))
         for name, preset in PRESETS.items()
     )
-    return EPILOG.format(baseline=BASELINE, presets=presets, points=TUNE_POINTS, span=TUNE_SPAN)
+    return EPILOG.format(
+        baseline=BASELINE,
+        presets=presets,
+        points=TUNE_POINTS,
+        span=TUNE_SPAN,
+        multipliers=_multipliers(),
+    )
+
+
+def _multipliers() -> str:
+    """One line per default-rate multiplier (``spec.RATE_MULTIPLIERS``): why, and who."""
+    lines = []
+    for factor, reason in spec.RATE_REASONS.items():
+        names = [name for name, value in spec.RATE_MULTIPLIERS.items() if value == factor]
+        shown = f"1/{round(1 / factor)}" if factor < 1 else f"{factor:g}"
+        text = f"{reason}: {', '.join(names)}"
+        lines.append(f"    {shown:<5} " + "\n          ".join(_wrap(text, 72)))
+    return "\n".join(lines)
 
 
 def _wrap(text: str, width: int) -> list[str]:

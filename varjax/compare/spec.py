@@ -30,10 +30,13 @@ import optax
 import optax.contrib
 
 import varjax
+from varjax import registry
 
 __all__ = [
     "LEARNING_RATE_FREE",
+    "OPTAX_RATE_MULTIPLIERS",
     "RATE_MULTIPLIERS",
+    "RATE_REASONS",
     "OptimizerSpec",
     "SpecError",
     "build_optimizer",
@@ -44,26 +47,37 @@ __all__ = [
     "resolve",
 ]
 
-# The default learning rate of an optimizer is the task's AdamW rate times this factor.
-RATE_MULTIPLIERS: dict[str, float] = {
-    # sign updates are +-1 per element: Lion's rule of thumb is a 3-10x smaller rate
+# The default learning rate of an optimizer is the task's AdamW rate times this factor:
+# Optax's here, varjax's from its entries in varjax/registry.py.
+OPTAX_RATE_MULTIPLIERS: dict[str, float] = {
     "optax.lion": 1 / 3,
     "optax.signum": 1 / 3,
     "optax.sign_sgd": 1 / 3,
-    "varjax.lion_8bit": 1 / 3,
-    "varjax.lion_4bit": 1 / 3,
-    "varjax.mars_lion": 1 / 3,
-    # orthogonalised (Newton-Schulz) steps are smaller per element
-    "varjax.mars_shampoo": 3.0,
     "optax.contrib.muon": 3.0,
-    # the momentum sums gradients: about 1 / (1 - b1) = 100 times an EMA
-    "varjax.simplified_ademamix": 1 / 100,
     "optax.contrib.simplified_ademamix": 1 / 100,
-    # plain (momentum) SGD steps are not normalised per element (IGT diverges at 100x)
     "optax.sgd": 100.0,
     "optax.noisy_sgd": 100.0,
-    "varjax.qhm": 100.0,
-    "varjax.igt": 30.0,
+}
+RATE_MULTIPLIERS: dict[str, float] = {
+    **OPTAX_RATE_MULTIPLIERS,
+    **{
+        f"varjax.{entry.name}": entry.rate_multiplier
+        for entry in registry.REGISTRY
+        if entry.rate_multiplier != 1.0
+    },
+}
+
+# Why each multiplier (``--help`` lists them with the names that take them).
+RATE_REASONS: dict[float, str] = {
+    # sign updates are +-1 per element: Lion's rule of thumb is a 3-10x smaller rate
+    1 / 3: "sign updates",
+    # orthogonalised (Newton-Schulz) steps are smaller per element
+    3.0: "orthogonalised updates",
+    # the momentum sums gradients: about 1 / (1 - b1) = 100 times an EMA
+    1 / 100: "summed momentum",
+    # plain (momentum) SGD steps are not normalised per element
+    100.0: "plain SGD-type steps",
+    30.0: "implicit gradient transport (it diverges at 100)",
 }
 
 # Learning-rate-free methods: their own default learning rate (a multiplier, 1.0 or so) is kept.
@@ -227,13 +241,20 @@ def _is_optimizer(name: str, obj: Any) -> bool:
 
 @functools.cache
 def known_optimizers() -> tuple[str, ...]:
-    """Qualified names of the ready optimizers in varjax, optax and optax.contrib.
+    """Qualified names of the ready optimizers: varjax's registry entries of kind
+    ``optimizer`` that take a ``learning_rate``, and those of optax and optax.contrib.
 
     >>> "varjax.mars_adamw" in known_optimizers(), "optax.adamw" in known_optimizers()
     (True, True)
+    >>> "varjax.storm" in known_optimizers()  # its step size is k
+    False
     """
-    names = []
-    for prefix, module in (("varjax", varjax), ("optax", optax), ("optax.contrib", optax.contrib)):
+    names = [
+        f"varjax.{entry.name}"
+        for entry in registry.REGISTRY
+        if entry.kind == "optimizer" and _takes_learning_rate(entry.factory)
+    ]
+    for prefix, module in (("optax", optax), ("optax.contrib", optax.contrib)):
         for attr in sorted(dir(module)):
             if not attr.startswith("_") and _is_optimizer(attr, getattr(module, attr)):
                 names.append(f"{prefix}.{attr}")
@@ -261,10 +282,16 @@ def resolve(name: str) -> tuple[str, Callable[..., optax.GradientTransformation]
         [name] if name.split(".")[0] in LIBRARIES else [f"{lib}.{name}" for lib in LIBRARIES]
     )
     for candidate in candidates:
-        obj = _lookup(candidate)
+        if candidate.startswith("varjax."):  # the registry's entries, nothing else
+            entry = registry.ENTRIES.get(candidate.removeprefix("varjax."))
+            obj = None if entry is None else entry.factory
+            ready = candidate in known_optimizers()
+        else:
+            obj = _lookup(candidate)
+            ready = _is_optimizer(candidate, obj)
         if obj is None:
             continue
-        if not _is_optimizer(candidate, obj):
+        if not ready:
             raise SpecError(
                 f"{candidate} is not a ready optimizer (it takes no learning_rate or is a "
                 "scale_by_* building block); compare takes optimizers such as varjax.radam"

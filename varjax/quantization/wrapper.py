@@ -213,12 +213,47 @@ def _expand(codec: _Codec, tree: PyTree) -> PyTree:
     def leaf(x: Any) -> Any:
         if not isinstance(x, QuantizedArray):
             return x
-        codes = x.codes
-        if x.bits == 4:
-            codes = unpack_4bit(codes, x.shape[-1] if x.shape else 1).reshape(x.shape)
-        return dequantize_blockwise(codes, x.absmax, codec.code(x.signed), codec.block_size)
+        return _expand_leaf(codec, x)
 
     return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+# The per-leaf functions below are jitted on their own so that leaves of one shape share
+# one trace (and one lowering) of their code; XLA inlines the calls, so the compiled step
+# is the same. Traced once per leaf instead, the 58 leaves of adamw_8bit at 18.5M took
+# 1.8 s to trace and lower, against 0.2 s for optax.adamw.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _expand_leaf(codec: _Codec, x: QuantizedArray) -> jax.Array:
+    codes = x.codes
+    if x.bits == 4:
+        codes = unpack_4bit(codes, x.shape[-1] if x.shape else 1).reshape(x.shape)
+    return dequantize_blockwise(codes, x.absmax, codec.code(x.signed), codec.block_size)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _absmax_leaf(block_size: int, x: jax.Array) -> jax.Array:
+    return block_absmax(x, block_size)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_leaf(
+    codec: _Codec,
+    x: jax.Array,
+    old: QuantizedArray,
+    absmax: jax.Array,
+    finite: jax.Array,
+    key: jax.Array | None,
+) -> QuantizedArray:
+    codes, _ = quantize_blockwise(
+        x, codec.code(old.signed), codec.block_size, key=key, absmax=absmax
+    )
+    if old.bits == 4:
+        codes = pack_4bit(codes)
+    codes = jnp.where(finite, codes, old.codes)
+    absmax = jnp.where(finite, absmax, old.absmax)
+    return dataclasses.replace(old, codes=codes, absmax=absmax)
 
 
 def _all_absmax_finite(absmaxes: list[jax.Array]) -> jax.Array:
@@ -270,7 +305,7 @@ def _new_absmax(codec: _Codec, stored: PyTree, new: PyTree) -> list[jax.Array | 
     """
     leaves, stored_leaves, _ = _leaves_with_stored(stored, new)
     return [
-        block_absmax(_value(x), codec.block_size) if isinstance(old, QuantizedArray) else None
+        _absmax_leaf(codec.block_size, _value(x)) if isinstance(old, QuantizedArray) else None
         for x, old in zip(leaves, stored_leaves, strict=True)
     ]
 
@@ -294,14 +329,7 @@ def _encode(
             out.append(jax.tree.map(lambda n, o: jnp.where(finite, n, o), x, old))
             continue
         leaf_key = None if key is None else jax.random.fold_in(key, i)
-        codes, _ = quantize_blockwise(
-            _value(x), codec.code(old.signed), codec.block_size, key=leaf_key, absmax=amax
-        )
-        if old.bits == 4:
-            codes = pack_4bit(codes)
-        codes = jnp.where(finite, codes, old.codes)
-        amax = jnp.where(finite, amax, old.absmax)
-        out.append(dataclasses.replace(old, codes=codes, absmax=amax))
+        out.append(_encode_leaf(codec, _value(x), old, amax, finite, leaf_key))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -331,14 +359,24 @@ def all_finite(tree: PyTree) -> jax.Array:
     False
     """
 
-    def finite(x: jax.Array) -> jax.Array:
-        return jax.lax.platform_dependent(
-            x,
-            cpu=lambda x: jnp.isfinite(jnp.sum(x - x)),
-            default=lambda x: jnp.all(jnp.isfinite(x)),
-        )
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
 
-    return functools.reduce(jnp.logical_and, map(finite, jax.tree.leaves(tree)), jnp.asarray(True))
+    # The per-leaf results are joined under a square root, an operation that XLA
+    # counts as expensive and so never copies into the fusions that read it. With a
+    # chain of ``and``s (or of ``add``s) instead, XLA copied the whole chain into every
+    # fusion that selects with the result, quadratic in the leaves: 58 leaves of
+    # adamw_8bit at 18.5M on CPU gave 13,806 is-finite instructions of 51,661, and the
+    # step compiled in 3.7 s.
+    def cpu(*leaves):  # each sum is 0, or NaN where a leaf has a NaN or an infinity
+        return jnp.isfinite(jnp.sqrt(sum(jnp.sum(x - x) for x in leaves)))
+
+    def default(*leaves):
+        bad = sum((~jnp.all(jnp.isfinite(x))).astype(jnp.float32) for x in leaves)
+        return jnp.sqrt(bad) == 0
+
+    return jax.lax.platform_dependent(*leaves, cpu=cpu, default=default)
 
 
 def _static_int(name: str, value: Any, low: int) -> int:

@@ -37,6 +37,10 @@ from varjax.rectification.adopt import ScaleByAdoptState, scale_by_adopt
 from varjax.rectification.cautious_masking import CautiousState, cautious
 from varjax.rectification.radam import RectifyState, rectification, rectify, scale_by_radam
 
+# At the top level the name varjax.rectification is this function, which shadows the
+# package; its documented (and canonical) path stays varjax.rectification.rectification.
+rectification.__module__ = __name__
+
 __all__ = [
     "CautiousState",
     "RectifyState",
