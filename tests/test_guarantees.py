@@ -21,9 +21,7 @@ Exemptions are tables with a reason each, and a test checks that they name
 existing cases: an Optax transform that meets the gradients first
 (:data:`MISMATCH_SEEN_FIRST_BY_OPTAX`), cases that end in an Optax transform,
 where only the values of integer leaves are guaranteed (:data:`OPTAX_OUTERMOST`),
-cases that need ``params`` (:data:`NEEDS_PARAMS`). What varjax/quantization does
-not guarantee yet is marked ``xfail(strict=True)``, so that the mark must go when
-it does.
+cases that need ``params`` (:data:`NEEDS_PARAMS`).
 
 Everything runs eagerly on trees of a few elements (jitting each case's update
 took three times as long): these are checks of structure and dtype, not of
@@ -50,11 +48,6 @@ import varjax
 from varjax import _base
 
 CASE_PARAMS = [pytest.param(case, id=case.name) for case in CASES]
-
-# Quantized state is another engineer's (varjax/quantization, the quantized aliases):
-# where its guarantees do not hold yet, the test is expected to fail (strict: it
-# reports when they start to hold, and the mark must go).
-QUANTIZED = {"adamw_8bit", "adamw_4bit", "lion_8bit", "ademamix_8bit", "quantized_mars_then_rate"}
 
 
 def _params() -> dict:
@@ -93,10 +86,6 @@ SHAPE_SEEN_FIRST_BY_OPTAX = {"monitors_then_adam"}
 
 def _mismatch_params(case: Case, kind: str) -> pytest.param:
     marks = ()
-    if case.name in QUANTIZED and kind != "shape":
-        marks = pytest.mark.xfail(
-            strict=True, reason="quantize_state's own message does not name the leaf yet"
-        )
     if case.name in MISMATCH_SEEN_FIRST_BY_OPTAX or (
         kind == "shape" and case.name in SHAPE_SEEN_FIRST_BY_OPTAX
     ):
@@ -129,7 +118,7 @@ def test_mismatched_tree_raises_naming_the_leaf(case: Case, kind: str) -> None:
 def test_mismatch_exemptions_name_cases() -> None:
     names = {case.name for case in CASES}
     assert set(MISMATCH_SEEN_FIRST_BY_OPTAX) | SHAPE_SEEN_FIRST_BY_OPTAX <= names
-    assert set(OPTAX_FAILS_ON_BOOLEANS) | QUANTIZED <= names
+    assert set(OPTAX_FAILS_ON_BOOLEANS) <= names
 
 
 # --------------------------------------------------------------------------
@@ -193,10 +182,6 @@ def _frozen_params(case: Case) -> pytest.param:
     marks = ()
     if case.name in OPTAX_FAILS_ON_BOOLEANS:
         marks = pytest.mark.skip(reason=OPTAX_FAILS_ON_BOOLEANS[case.name])
-    elif case.name in QUANTIZED:
-        marks = pytest.mark.xfail(
-            strict=True, reason="quantize_state around the alias: varjax/quantization's to adopt"
-        )
     return pytest.param(case, id=case.name, marks=marks)
 
 
@@ -370,18 +355,8 @@ def test_every_integer_argument_is_in_the_table() -> None:
     assert found == INTEGER_ARGS
 
 
-# integer arguments of varjax/quantization (another engineer's) that are not checked yet
-QUANTIZATION_UNCHECKED = {("quantize_state", "seed")}
 INTEGER_ARG_PARAMS = [
-    pytest.param(
-        name,
-        arg,
-        value,
-        id=f"{name}-{arg}-{value}",
-        marks=pytest.mark.xfail(strict=True, reason="varjax/quantization does not check it yet")
-        if (name, arg) in QUANTIZATION_UNCHECKED
-        else (),
-    )
+    pytest.param(name, arg, value, id=f"{name}-{arg}-{value}")
     for name, args in sorted(INTEGER_ARGS.items())
     for arg in sorted(args)
     for value in (2.5, True)

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from varjax import roles as roles_lib
+from varjax._base import check_integer, check_same_structure
 from varjax.quantization.blockwise import (
     block_absmax,
     dequantize_blockwise,
@@ -359,7 +360,8 @@ def all_finite(tree: PyTree) -> jax.Array:
     False
     """
 
-    leaves = jax.tree.leaves(tree)
+    # integer and boolean leaves are finite (and ``x - x`` is undefined for booleans)
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not leaves:
         return jnp.asarray(True)
 
@@ -422,6 +424,11 @@ class _TreeSpec:
     def check(self, updates: PyTree) -> None:
         got = _TreeSpec.of(updates)
         if got.treedef != self.treedef:
+            # name the missing or extra leaf where the trees differ by leaves
+            reference = self.treedef.unflatten(
+                [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in self.shapes]
+            )
+            check_same_structure(updates, reference, "optimizer state")
             raise ValueError(
                 "the gradient tree does not match the optimizer state: gradients have "
                 f"structure {got.treedef}, the state was built for {self.treedef}"
@@ -543,6 +550,7 @@ def quantize_state(
     block_size = (256 if bits == 8 else 128) if block_size is None else block_size
     block_size = _static_int("block_size", block_size, 1)
     min_size = _static_int("min_size", 4096 if min_size is None else min_size, 0)
+    seed = check_integer("seed", seed)
     signed_code = _check_map(
         "signed_map", default_signed if signed_map is None else signed_map, bits, True
     )
