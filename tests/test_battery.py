@@ -59,6 +59,7 @@ class Case:
     bad: tuple[tuple[str, Any], ...] = ()
     entry: str = ""  # the registry entry the case belongs to
     sharded: bool = False  # also run on 8 host devices (tests/test_integration.py)
+    float32_updates: bool = False  # float32 updates for bfloat16 leaves (varjax.precision)
 
     def build(self, learning_rate: Any = None, **kwargs: Any) -> optax.GradientTransformation:
         rate = self.learning_rate if learning_rate is None else learning_rate
@@ -171,6 +172,7 @@ CASES = [
         battery.bad,
         entry=entry.name,
         sharded=battery.sharded,
+        float32_updates=battery.float32_updates,
     )
     for entry in registry.REGISTRY
     for battery in entry.battery
@@ -352,7 +354,9 @@ def test_nested_tree_keeps_dtypes(case: Case) -> None:
     updates, _ = jax.eval_shape(tx.update, grads, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
-        assert u.dtype == p.dtype and u.shape == p.shape
+        low = p.dtype in (jnp.bfloat16, jnp.float16)
+        assert u.dtype == (jnp.float32 if case.float32_updates and low else p.dtype)
+        assert u.shape == p.shape
     new_params, new_state = trajectory(case)
     for leaf in jax.tree.leaves((new_params, new_state)):
         assert jnp.all(jnp.isfinite(leaf))
@@ -489,6 +493,11 @@ def test_apply_if_finite_drops_a_non_finite_step(case: Case) -> None:
     transforms pass it on (quantized state excepted: it skips the step itself), and
     ``optax.apply_if_finite`` drops the step, so that the run continues exactly as if
     it never came."""
+    if case.float32_updates:  # its cond would join float32 and bfloat16 zero updates
+        pytest.skip(
+            "apply_if_finite goes around the update rule inside (tests/test_precision.py::"
+            "test_multi_steps_inject_hyperparams_and_apply_if_finite)"
+        )
     tx = optax.apply_if_finite(case.build(), max_consecutive_errors=3)
     grads = random_grads()
     step = donating_train_step(tx)  # each step's inputs are fresh or not used again

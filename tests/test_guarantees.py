@@ -246,6 +246,7 @@ NEEDS_PARAMS = {
     "adamw_then_tvr": "optax.adamw and the rescaling read the weights",
     "mars_correction_then_lion": "optax.lion's weight_decay=1e-3 by default",
     "lion_8bit": "weight_decay=1e-3 by default, as optax.lion",
+    "bf16_adamw": "weight_decay=1e-4 by default, and the rounding reads the weights",
 }
 
 

@@ -811,8 +811,19 @@ def _adamw(
         function of the parameters returning one (``None``: all).
     """
     check_adam_hyperparameters(b1, b2, eps)
-    block = optax.scale_by_adam(b1, b2, eps)
-    return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
+    return _with_decay_and_rate(_checked_adam(b1, b2, eps), learning_rate, weight_decay, mask)
+
+
+def _checked_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """``optax.scale_by_adam``, with the gradient tree checked against its first moment
+    (a ``ValueError`` naming the leaf, where Optax's tree map would fail on its own)."""
+    adam = optax.scale_by_adam(b1, b2, eps)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        check_same_structure(updates, state.mu, "optimizer state")
+        return adam.update(updates, state, params)
+
+    return optax.GradientTransformation(adam.init, update_fn)
 
 
 def _lion(

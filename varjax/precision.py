@@ -68,7 +68,7 @@ import optax
 
 from varjax import roles
 from varjax._base import PyTree, ScalarOrSchedule, check_integer, check_same_structure
-from varjax.alias import adamw_8bit
+from varjax.alias import _adamw, adamw_8bit
 from varjax.roles import Role
 
 __all__ = [
@@ -709,7 +709,9 @@ def bf16_adamw(
       >>> tx = varjax.bf16_adamw(1e-3, weight_decay=0.1)
       >>> state = tx.init({"w": jnp.zeros((128, 64), jnp.bfloat16)})
     """
-    tx = optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mask=mask)
+    # varjax's AdamW (optax.scale_by_adam, decoupled weight decay, the learning rate):
+    # its arguments are checked, integer leaves keep still, a wrong gradient tree is named
+    tx = _adamw(learning_rate, b1, b2, eps, weight_decay, mask=mask)
     return low_precision_weights(tx, rounding, seed=seed)
 
 

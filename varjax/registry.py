@@ -81,6 +81,9 @@ class Battery:
       bad: ``(argument, value)`` pairs that must raise ``ValueError`` naming the argument.
       sharded: also run on 8 host devices by ``tests/test_integration.py`` (one case per
         kind of state: the slowest test of the suite).
+      float32_updates: bfloat16 and float16 leaves get float32 updates, so that
+        ``optax.apply_updates`` lands exactly on the rounded weight (``varjax.precision``);
+        ``optax.apply_if_finite`` then goes inside, around the update rule.
     """
 
     name: str
@@ -91,6 +94,7 @@ class Battery:
     to_inner: bool = False
     bad: tuple[tuple[str, Any], ...] = ()
     sharded: bool = False
+    float32_updates: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,7 +551,14 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("split_mantissa", **_LOW, kind="block"),
     Entry("in_float32", **_LOW, kind="wrapper"),
     Entry("low_precision_weights", **_LOW, kind="wrapper"),
-    Entry("bf16_adamw", **_LOW, kind="optimizer"),
+    Entry(
+        "bf16_adamw",
+        **_LOW,
+        kind="optimizer",
+        battery=(
+            Battery("bf16_adamw", bad=(*ADAM_BAD, ("weight_decay", -1.0)), float32_updates=True),
+        ),
+    ),
     Entry("bf16_adamw_8bit", **_LOW, kind="optimizer"),
     # --- noise-aware scaling and clipping -------------------------------------------------
     Entry(
