@@ -79,7 +79,7 @@ def main() -> None:
         gap = max(
             float(np.max(np.abs(np.asarray(p_dev[k]) - np.asarray(p_cpu[k])))) for k in SHAPES
         )
-        row = {"optimizer": name, **compare(s_dev, s_cpu), "params_max_gap": gap / moved}
+        row = {"optimizer": name, **compare(s_dev, s_cpu), "params_max_gap": float(gap / moved)}
         rows.append(row)
         print(row, flush=True)
     info = machine()
@@ -103,7 +103,10 @@ def main() -> None:
     print(table)
     if args.out is not None:
         write_results(
-            args.out, f"quantized_backend_check_{info['platform']}", table, {"rows": rows}
+            args.out,
+            f"quantized_backend_check_{info['platform']}",
+            table,
+            {"rows": rows, "machine": info},
         )
 
 
