@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from varjax import roles as roles_lib
-from varjax._base import check_integer, check_same_structure
+from varjax._base import check_integer, check_same_structure, shape_witness
 from varjax.quantization.blockwise import (
     block_absmax,
     dequantize_blockwise,
@@ -70,8 +70,9 @@ class QuantizedState(NamedTuple):
         :class:`QuantizedArray` leaves.
       skipped: the number of steps skipped for a non-finite gradient or new state.
       key: the PRNG key data of stochastic rounding, ``None`` for nearest rounding.
-      spec: the structure and leaf shapes of the parameters (static data, no
-        arrays), which gradients are checked against.
+      spec: the structure and leaf shapes of the parameters (a
+        :class:`varjax._base.ShapeWitness`: no arrays), which gradients are
+        checked against.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -406,43 +407,6 @@ def _static_int(name: str, value: Any, low: int) -> int:
     return number
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class _TreeSpec:
-    """The structure and leaf shapes of the parameters, kept in the state as static data
-    (no leaves), so a gradient tree that does not match is named in a ``ValueError``."""
-
-    treedef: Any
-    shapes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def of(cls, tree: PyTree) -> _TreeSpec:
-        leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_value_holder)
-        shapes = (jnp.shape(x.get_value() if _is_value_holder(x) else x) for x in leaves)
-        return cls(treedef, tuple(tuple(shape) for shape in shapes))
-
-    def check(self, updates: PyTree) -> None:
-        got = _TreeSpec.of(updates)
-        if got.treedef != self.treedef:
-            # name the missing or extra leaf where the trees differ by leaves
-            reference = self.treedef.unflatten(
-                [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in self.shapes]
-            )
-            check_same_structure(updates, reference, "optimizer state")
-            raise ValueError(
-                "the gradient tree does not match the optimizer state: gradients have "
-                f"structure {got.treedef}, the state was built for {self.treedef}"
-            )
-        paths = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_value_holder)[0]
-        for (path, _), shape, want in zip(paths, got.shapes, self.shapes, strict=True):
-            if shape != want:
-                raise ValueError(
-                    "the gradient tree does not match the optimizer state: the leaf at "
-                    f"{jax.tree_util.keystr(path)} has shape {shape}, the state was built "
-                    f"for shape {want}"
-                )
-
-
 def quantize_state(
     inner: optax.GradientTransformation,
     *,
@@ -573,13 +537,13 @@ def quantize_state(
         key = jax.random.key_data(jax.random.key(seed)) if stochastic_rounding else None
         # the initial state is rounded to nearest: it is zeros for the usual moments
         inner_state = compress(inner.init(params), None)
-        return QuantizedState(inner_state, jnp.zeros([], jnp.int32), key, _TreeSpec.of(params))
+        return QuantizedState(inner_state, jnp.zeros([], jnp.int32), key, shape_witness(params))
 
     def update_fn(
         updates: PyTree, state: QuantizedState, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, QuantizedState]:
         if state.spec is not None:
-            state.spec.check(updates)
+            check_same_structure(updates, state.spec.shapes(), "optimizer state")
         if state.key is None:
             key, rounding_key = None, None
         else:
