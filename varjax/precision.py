@@ -59,7 +59,6 @@ and :func:`bf16_adamw` / :func:`bf16_adamw_8bit` are the ready optimizers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -68,7 +67,7 @@ import optax
 
 from varjax import roles
 from varjax._base import PyTree, ScalarOrSchedule, check_integer, check_same_structure
-from varjax.alias import _adamw, adamw_8bit
+from varjax.alias import MaskOrFn, _adamw, adamw_8bit
 from varjax.roles import Role
 
 __all__ = [
@@ -672,9 +671,6 @@ def low_precision_weights(
         else kahan_summation(compensation_dtype)
     )
     return optax.chain(in_float32(tx), last)
-
-
-MaskOrFn = PyTree | Callable[[PyTree], PyTree] | None
 
 
 def bf16_adamw(
