@@ -4,7 +4,7 @@ Each is ``optax.chain(block, add_decayed_weights(weight_decay, mask),
 scale_by_learning_rate(learning_rate))``: decoupled weight decay as in AdamW
 (``weight_decay=0`` by default, which makes it a no-op), and ``learning_rate``
 and ``weight_decay`` accept a float or an ``optax.Schedule``. The whole chain
-is wrapped in :func:`varjax._base.trainable_leaves_only`: integer and boolean
+is wrapped in ``varjax._base.trainable_leaves_only``: integer and boolean
 parameter leaves get a zero update of their own dtype and no state, and the
 weight decay accepts ``params=None`` when ``weight_decay`` is zero.
 """
@@ -91,11 +91,11 @@ def radam(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Rectified Adam (Liu et al., 2020); see :func:`varjax.scale_by_radam`.
+    """Rectified Adam (Liu et al., 2020); see [`varjax.scale_by_radam`][].
 
-    Same defaults and threshold convention (``rho_t >= 5``) as :func:`optax.radam`,
+    Same defaults and threshold convention (``rho_t >= 5``) as ``optax.radam``,
     and equal to it when ``weight_decay=0`` (up to Optax's float32 error in ``r_t``,
-    see :func:`varjax.scale_by_radam`).
+    see [`varjax.scale_by_radam`][]).
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -107,8 +107,8 @@ def radam(
         (5 as Optax and the official code; 4 is the paper's rule).
       nesterov: use Nesterov momentum (as Optax does).
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -117,7 +117,7 @@ def radam(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, varjax
       >>> params = {"w": jnp.ones(3)}
       >>> tx = varjax.radam(1e-2)
@@ -144,9 +144,9 @@ def adopt(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """ADOPT (Taniguchi et al., 2024); see :func:`varjax.scale_by_adopt`.
+    """ADOPT (Taniguchi et al., 2024); see [`varjax.scale_by_adopt`][].
 
-    Equal to :func:`optax.contrib.adopt` when ``weight_decay=0``, up to Optax's
+    Equal to ``optax.contrib.adopt`` when ``weight_decay=0``, up to Optax's
     float32 rounding of ``1 - b2`` (about 1e-4 relative drift over 60 steps).
 
     Args:
@@ -154,11 +154,11 @@ def adopt(
       b1: momentum decay, in [0, 1).
       b2: second-moment decay, in [0, 1) (0.9999 as the paper).
       eps: lower bound of ``sqrt(v)``, >= 0 (1e-6 as the paper).
-      clip_exponent: the normalised gradient is clipped to ``t ** clip_exponent``,
-        >= 0; ``None`` for no clip.
+      clip_exponent: the normalised gradient is clipped to ``t **
+        clip_exponent``, >= 0; ``None`` for no clip.
       nesterov: use Nesterov momentum (as Optax does).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -167,7 +167,7 @@ def adopt(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adopt(1e-3, weight_decay=1e-2)
       >>> params = {"w": jnp.ones(3)}
@@ -192,7 +192,7 @@ def grams(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Grams (Cao et al., 2024); see :func:`varjax.scale_by_grams`.
+    """Grams (Cao et al., 2024); see [`varjax.scale_by_grams`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -200,8 +200,8 @@ def grams(
       b2: decay of the second-moment EMA, in [0, 1).
       eps: added to ``sqrt(nu_hat)``, >= 0.
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -210,7 +210,7 @@ def grams(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.grams(1e-3)
       >>> params = {"w": jnp.zeros(2)}
@@ -233,7 +233,7 @@ def diffgrad(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """diffGrad (Dubey et al., 2019); see :func:`varjax.scale_by_diffgrad`.
+    """diffGrad (Dubey et al., 2019); see [`varjax.scale_by_diffgrad`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -241,8 +241,8 @@ def diffgrad(
       b2: decay of the second-moment EMA, in [0, 1).
       eps: added to ``sqrt(nu_hat)``, >= 0.
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -251,7 +251,7 @@ def diffgrad(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.diffgrad(1e-3)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -272,7 +272,7 @@ def adam_atan2(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam-atan2 (Everett et al., 2024); see :func:`varjax.scale_by_adam_atan2`.
+    """Adam-atan2 (Everett et al., 2024); see [`varjax.scale_by_adam_atan2`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -281,8 +281,8 @@ def adam_atan2(
       a: the output scale, > 0; the step is at most ``a * pi / 2`` per entry.
       b: the scale of ``sqrt(nu_hat)`` inside ``atan2``, > 0.
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -291,7 +291,7 @@ def adam_atan2(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adam_atan2(1e-3)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -313,7 +313,7 @@ def adamp(
     amsgrad: bool = False,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamP (Heo et al., 2021); see :func:`varjax.scale_by_adamp`.
+    """AdamP (Heo et al., 2021); see [`varjax.scale_by_adamp`][].
 
     The weight decay lives in the block (scale-invariant weights get
     ``wd_ratio`` of it), so it is a float here rather than a schedule.
@@ -334,7 +334,7 @@ def adamp(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adamp(1e-3, weight_decay=1e-2)
       >>> params = {"kernel": jnp.ones((4, 3))}
@@ -364,7 +364,7 @@ def cautious_adamw(
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Cautious AdamW (Liang et al., 2024): :func:`varjax.cautious` around ``optax.scale_by_adam``.
+    """Cautious AdamW (Liang et al., 2024): [`varjax.cautious`][] around ``optax.scale_by_adam``.
 
     The weight decay is added after the mask, as in the paper's C-AdamW, and
     defaults to Optax's ``adamw`` value.
@@ -374,8 +374,8 @@ def cautious_adamw(
       b1: decay of the first-moment EMA, in [0, 1).
       b2: decay of the second-moment EMA, in [0, 1).
       eps: added to ``sqrt(nu_hat)``, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 1e-4, as ``optax.adamw``).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-4, as ``optax.adamw``).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -383,7 +383,7 @@ def cautious_adamw(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.cautious_adamw(1e-3)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -408,13 +408,13 @@ def ademamix(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdEMAMix (Pagliardini et al., 2024); see :func:`varjax.scale_by_ademamix`.
+    """AdEMAMix (Pagliardini et al., 2024); see [`varjax.scale_by_ademamix`][].
 
     With ``alpha_warmup_steps`` / ``b3_warmup_steps`` set, ``alpha`` and ``b3``
-    follow the paper's warm-ups (:func:`varjax.ademamix_alpha_schedule`,
-    :func:`varjax.ademamix_beta3_schedule`); the paper sets both to the total
+    follow the paper's warm-ups ([`varjax.ademamix_alpha_schedule`][],
+    [`varjax.ademamix_beta3_schedule`][]); the paper sets both to the total
     number of training steps. Without them this equals
-    :func:`optax.contrib.ademamix` (whose defaults it shares, ``weight_decay=0``
+    ``optax.contrib.ademamix`` (whose defaults it shares, ``weight_decay=0``
     included; the paper trains with decoupled weight decay 0.1).
 
     Args:
@@ -428,11 +428,11 @@ def ademamix(
       eps: added to ``sqrt(nu_hat)``, >= 0.
       eps_root: added to ``nu_hat`` inside the square root, >= 0.
       alpha_warmup_steps: warm ``alpha`` up linearly from 0 over this many steps
-        (:func:`varjax.ademamix_alpha_schedule`), >= 1; ``None``: constant.
+        ([`varjax.ademamix_alpha_schedule`][]), >= 1; ``None``: constant.
       b3_warmup_steps: warm ``b3`` up from ``b1`` over this many steps
-        (:func:`varjax.ademamix_beta3_schedule`), >= 1; ``None``: constant.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0, as Optax; the paper trains with 0.1).
+        ([`varjax.ademamix_beta3_schedule`][]), >= 1; ``None``: constant.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0, as Optax; the paper trains with 0.1).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -441,7 +441,7 @@ def ademamix(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import varjax
       >>> tx = varjax.ademamix(1e-3, alpha=8.0, alpha_warmup_steps=10_000, b3_warmup_steps=10_000)
     """
@@ -466,9 +466,9 @@ def simplified_ademamix(
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Simplified AdEMAMix (Morwani et al., 2025); see :func:`varjax.scale_by_simplified_ademamix`.
+    """Simplified AdEMAMix (Morwani et al., 2025); see [`varjax.scale_by_simplified_ademamix`][].
 
-    Equal to :func:`optax.contrib.simplified_ademamix`, whose defaults it shares.
+    Equal to ``optax.contrib.simplified_ademamix``, whose defaults it shares.
     Its momentum sums gradients (about ``1 / (1 - b1)`` times larger than an EMA),
     so it wants a learning rate that much smaller than Adam's.
 
@@ -479,8 +479,8 @@ def simplified_ademamix(
       alpha: weight of the current gradient added to the momentum, >= 0, or a schedule.
       eps: added to ``sqrt(nu_hat)``, >= 0.
       eps_root: added to ``nu_hat`` inside the square root, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -488,7 +488,7 @@ def simplified_ademamix(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.simplified_ademamix(1e-4, alpha=2.0)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -623,8 +623,8 @@ def mars_adamw(
       b2_1d: decay of the second moment of the other leaves' AdamW, in [0, 1).
       weight_decay_1d: decoupled weight decay of the other leaves, a float >= 0
         or a schedule (0.1 as the official code).
-      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
-        > 0; ``None``: no clip.
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds
+        it, > 0; ``None``: no clip.
       norm_scope: ``"tensor"`` (default, the official code): one norm per leaf;
         ``"global"``: one norm over the tree.
       amsgrad: use the running maximum of the bias-corrected second moment
@@ -761,14 +761,14 @@ def qhm(
 ) -> optax.GradientTransformationExtraArgs:
     """Quasi-hyperbolic momentum SGD (Ma & Yarats, 2019): ``-lr ((1 - nu) g + nu m)``.
 
-    See :func:`varjax.scale_by_qhm`; ``weight_decay`` is decoupled (AdamW-style).
+    See [`varjax.scale_by_qhm`][]; ``weight_decay`` is decoupled (AdamW-style).
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
       b: decay of the momentum (an EMA), in [0, 1].
       nu: weight of the momentum against the raw gradient, in [0, 1] (0: SGD).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -776,7 +776,7 @@ def qhm(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.qhm(0.1)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -793,7 +793,7 @@ def igt(
 
     ``v_t = gamma_t v_{t-1} + (1 - gamma_t) g(theta_t + gamma_t / (1 - gamma_t)
     (theta_t - theta_{t-1}))`` and ``theta_{t+1} = theta_t - lr v_t``; the caller's
-    parameters are the extrapolated point and :func:`varjax.igt_eval_params`
+    parameters are the extrapolated point and [`varjax.igt_eval_params`][]
     gives ``theta``. ``gamma=None`` is the anytime average ``t / (t + 1)``
     (the paper's IGT, whose transport is exact on quadratics: on Rosenbrock it
     stalls near loss 0.3 where ``gamma=0.9`` converges); a float is Heavyball-IGT.
@@ -806,7 +806,7 @@ def igt(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.igt(0.1, gamma=0.9)
       >>> params = {"w": jnp.ones(3)}
@@ -835,7 +835,7 @@ def _adamw(
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW: ``optax.scale_by_adam``, decoupled weight decay, the learning rate.
 
-    The full-precision alias of :func:`varjax.adamw_8bit` and the other quantized Adams.
+    The full-precision alias of [`varjax.adamw_8bit`][] and the other quantized Adams.
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -873,7 +873,7 @@ def _lion(
 ) -> optax.GradientTransformationExtraArgs:
     """Lion (Chen et al., 2023): ``optax.scale_by_lion``, weight decay, the learning rate.
 
-    The full-precision alias of :func:`varjax.lion_8bit` and :func:`varjax.lion_4bit`.
+    The full-precision alias of [`varjax.lion_8bit`][] and [`varjax.lion_4bit`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -935,8 +935,8 @@ def adam_8bit(
       b1: decay of the first-moment EMA, in [0, 1).
       b2: decay of the second-moment EMA, in [0, 1).
       eps: added to ``sqrt(nu_hat)``, >= 0.
-      block_size: entries per quantization block along the last axis, an int
-        >= 1 (each block keeps one float32 absmax); ``None``: 256 at 8 bits,
+      block_size: entries per quantization block along the last axis, an
+        int >= 1 (each block keeps one float32 absmax); ``None``: 256 at 8 bits,
         128 at 4 bits.
       min_size: leaves of the state with fewer elements stay in float32, an
         int >= 0; ``None``: 4096.
