@@ -77,19 +77,35 @@ def test_every_family_has_a_page(site):
 
 def test_pages_render_the_docstrings(site):
     pages = "\n".join(site.values())
-    # MARS and the quantized aliases: functions built at import (varjax/alias.py), whose
-    # docstrings griffe's static analysis cannot see: the shim documents them.
+    # MARS and the quantized aliases (varjax/alias.py), read by griffe's static analysis
     assert "the variance-reduced gradient fed to AdamW" in pages
     assert "take plain AdamW with" in site["variance_reduction/index.html"]
     assert "bitsandbytes" in site["quantization/index.html"]
     assert "about 2.04 bytes per parameter" in site["quantization/index.html"]
     assert "AdEMAMix" in site["multi_ema/index.html"]
     assert "Rectified Adam (Liu et al., 2020)" in site["rectification/index.html"]
-    for leftover in ["{args}", "{doc}", ":func:`", ":class:`"]:
+    for leftover in ["{args}", "{doc}", ":func:`", ":class:`", "][varjax.", "][]"]:
         assert leftover not in pages, leftover
-    # Examples render as code, and Sphinx roles as links to the objects they name.
+    # Examples render as code, and cross-references as links to the objects they name.
     assert ">>> tx = varjax.mars_adamw(3e-3)" in _text(site["variance_reduction/index.html"])
     assert 'href="#varjax.scale_by_mars"' in site["variance_reduction/index.html"]
+
+
+def test_quantized_aliases_render_their_signature_parameters_and_example(site):
+    """griffe reads ``adamw_8bit`` statically: its signature with every parameter and
+    default, its parameter table and its example."""
+    page = site["quantization/index.html"]
+    start = page.index('id="varjax.adamw_8bit"')
+    end = page.index("<h3", start + 1) if "<h3" in page[start + 1 :] else len(page)
+    entry = page[start:end]
+    text = " ".join(_text(entry).split())
+    assert "weight_decay: ScalarOrSchedule = 0.0001" in text
+    assert "roles: RoleOverride = None" in text
+    rows = set(re.findall(r"<td>\s*<code>(\w+)</code>\s*</td>", entry))
+    assert set(inspect.signature(varjax.adamw_8bit).parameters) <= rows
+    assert ">>> tx = optax.inject_hyperparams(varjax.adamw_8bit)(learning_rate=1e-3)" in text
+    # no Markdown line opens a block quote by starting with ">" (a wrapped ">= 0")
+    assert "<blockquote>" not in page
 
 
 @pytest.mark.parametrize(

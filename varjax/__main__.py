@@ -1,6 +1,6 @@
 """``python -m varjax [compare] [options]``: compare optimizers by training a small model.
 
-See ``python -m varjax --help`` and :mod:`varjax.compare`.
+See ``python -m varjax --help`` and ``varjax.compare``.
 """
 
 from __future__ import annotations

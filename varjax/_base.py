@@ -90,11 +90,12 @@ def check_interval(
 
     Schedules (callables) and traced values are not checked here.
 
-    >>> check_interval("b1", 0.9, 0.0, 1.0, high_closed=False)
-    >>> check_interval("b1", 1.0, 0.0, 1.0, high_closed=False)
-    Traceback (most recent call last):
-    ...
-    ValueError: b1 must be in [0.0, 1.0), got 1.0
+    Examples:
+      >>> check_interval("b1", 0.9, 0.0, 1.0, high_closed=False)
+      >>> check_interval("b1", 1.0, 0.0, 1.0, high_closed=False)
+      Traceback (most recent call last):
+      ...
+      ValueError: b1 must be in [0.0, 1.0), got 1.0
     """
     number = _concrete_float(value)
     if number is None:
@@ -125,12 +126,13 @@ def check_integer(
     cannot be checked and is returned as it is; sizes that shape the state must
     then be ``static_args`` of ``inject_hyperparams``.
 
-    >>> check_integer("window", np.int64(8), 1)
-    8
-    >>> check_integer("window", 2.5, 1)
-    Traceback (most recent call last):
-    ...
-    ValueError: window must be an integer >= 1, got 2.5
+    Examples:
+      >>> check_integer("window", np.int64(8), 1)
+      8
+      >>> check_integer("window", 2.5, 1)
+      Traceback (most recent call last):
+      ...
+      ValueError: window must be an integer >= 1, got 2.5
     """
     bounds = (
         f" >= {low}"
@@ -193,14 +195,15 @@ def check_same_structure(
 
     The message names the first leaf that is missing, extra or of another
     shape. An ``optax.MaskedNode`` in either tree (a leaf that a transform
-    holds no state for, see :func:`trainable_leaves_only`) stands for one leaf
+    holds no state for, see ``trainable_leaves_only``) stands for one leaf
     of any shape; ``shapes=False`` checks the tree only. Runs at trace time
     only (structures and shapes are static), so it costs nothing inside `jit`.
 
-    >>> check_same_structure({"a": jnp.ones(2)}, {"a": jnp.ones(2), "b": jnp.ones(1)}, "state")
-    Traceback (most recent call last):
-    ...
-    ValueError: the gradient tree does not match the state: it has no leaf ['b'] ...
+    Examples:
+      >>> check_same_structure({"a": jnp.ones(2)}, {"a": jnp.ones(2), "b": jnp.ones(1)}, "state")
+      Traceback (most recent call last):
+      ...
+      ValueError: the gradient tree does not match the state: it has no leaf ['b'] ...
     """
     got_leaves, got = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
     want_leaves, want = jax.tree_util.tree_flatten_with_path(reference, is_leaf=_is_masked)
@@ -287,8 +290,9 @@ def signal_to_noise(signal: Array, variance: Array) -> Array:
     """``signal / variance`` where the variance is positive; ``inf`` where it is
     zero and the signal positive, 0 where both vanish (no NaN, no warning).
 
-    >>> signal_to_noise(jnp.asarray([4.0, 1.0, 0.0]), jnp.asarray([2.0, 0.0, 0.0])).tolist()
-    [2.0, inf, 0.0]
+    Examples:
+      >>> signal_to_noise(jnp.asarray([4.0, 1.0, 0.0]), jnp.asarray([2.0, 0.0, 0.0])).tolist()
+      [2.0, inf, 0.0]
     """
     noisy = variance > 0
     ratio = jnp.where(noisy, signal / jnp.where(noisy, variance, 1.0), 0.0)
@@ -312,7 +316,7 @@ def one_minus_power(decay: Any, count: Array) -> Array:
 def bias_correct(moments: PyTree, decay: Any, count: Array) -> PyTree:
     """Adam's bias correction ``m / (1 - decay**count)``.
 
-    The correction is computed in float32 or wider by :func:`one_minus_power`
+    The correction is computed in float32 or wider by ``one_minus_power``
     (in bfloat16 it would round to zero for small counts) and the division happens
     in each moment's dtype.
     """
@@ -399,8 +403,9 @@ def adaptive_step(
 def adam_direction(mu_hat: PyTree, nu_hat: PyTree, eps: Any, eps_root: Any = 0.0) -> PyTree:
     """Adam's step ``mu_hat / (sqrt(nu_hat + eps_root) + eps)`` leaf by leaf.
 
-    >>> adam_direction(jnp.asarray(3.0), jnp.asarray(4.0), 0.0, eps_root=5.0).item()
-    1.0
+    Examples:
+      >>> adam_direction(jnp.asarray(3.0), jnp.asarray(4.0), 0.0, eps_root=5.0).item()
+      1.0
     """
     if isinstance(eps_root, (int, float)) and eps_root == 0:
         return jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
@@ -416,9 +421,10 @@ def nesterov_momentum(mu: PyTree, updates: PyTree, b1: Any, count: Array) -> PyT
     ``optax.nadam``, ``optax.radam(nesterov=True)``). Every varjax transform
     with ``nesterov=True`` takes its momentum from here.
 
-    >>> m = nesterov_momentum(jnp.asarray(0.1), jnp.asarray(1.0), 0.9, jnp.asarray(1))
-    >>> round(float(m), 4)  # 0.9 * 0.1 / 0.19 + 0.1 * 1 / 0.1
-    1.4737
+    Examples:
+      >>> m = nesterov_momentum(jnp.asarray(0.1), jnp.asarray(1.0), 0.9, jnp.asarray(1))
+      >>> round(float(m), 4)  # 0.9 * 0.1 / 0.19 + 0.1 * 1 / 0.1
+      1.4737
     """
     next_mu_hat = bias_correct(mu, b1, optax.safe_increment(count))
     grad_hat = bias_correct(updates, b1, count)
@@ -440,7 +446,7 @@ class ShapeWitness:
     ``optax.MultiSteps`` and Orbax (which saves nothing for it and rebuilds it
     from the restore target), and lets a state that keeps nothing else shaped
     like the parameters check the gradient tree against them
-    (:func:`check_same_structure` of the gradients and :meth:`shapes`). A leaf
+    (``check_same_structure`` of the gradients and ``shapes``). A leaf
     without state (``optax.MaskedNode()``) is kept as one.
     """
 
@@ -486,12 +492,12 @@ class ShapeWitness:
 
 
 def shape_witness(params: PyTree) -> ShapeWitness:
-    """A :class:`ShapeWitness` of ``params``: their tree and shapes, in no bytes."""
+    """A ``ShapeWitness`` of ``params``: their tree and shapes, in no bytes."""
     return ShapeWitness.of(params)
 
 
 def witness_shapes(witness: ShapeWitness) -> PyTree:
-    """The shapes a :func:`shape_witness` stands for, as ``jax.ShapeDtypeStruct`` leaves."""
+    """The shapes a ``shape_witness`` stands for, as ``jax.ShapeDtypeStruct`` leaves."""
     return witness.shapes()
 
 
@@ -513,8 +519,9 @@ def clip_to_norm(
     returns ``tree`` unchanged. ``norm``: the global norm of ``tree``, when the
     caller has it already (``scope="global"`` only).
 
-    >>> clip_to_norm({"a": jnp.asarray([3.0, 4.0])}, 1.0)["a"].tolist()
-    [0.6000000238418579, 0.800000011920929]
+    Examples:
+      >>> clip_to_norm({"a": jnp.asarray([3.0, 4.0])}, 1.0)["a"].tolist()
+      [0.6000000238418579, 0.800000011920929]
     """
     if max_norm is None:
         return tree

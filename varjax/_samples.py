@@ -83,7 +83,7 @@ def _stacked(samples: PyTree, updates: PyTree, owner: str) -> PyTree:
 def sample_moments(
     updates: PyTree, samples: PyTree | None, axis_name: str | None, owner: str
 ) -> PyTree:
-    """Per-element mean and unbiased variance of the samples, one :class:`Moments` a leaf.
+    """Per-element mean and unbiased variance of the samples, one ``Moments`` a leaf.
 
     With ``axis_name`` the samples are ``updates`` across the named axis;
     otherwise they are the leading axis of ``samples``. Statistics are taken
@@ -115,10 +115,11 @@ def half_means(
     With ``axis_name`` the halves are the devices of index below ``n // 2`` and
     the others, as two all-reduce groups.
 
-    >>> samples = {"w": jnp.arange(5.0)[:, None]}
-    >>> first, second = half_means({"w": jnp.zeros(1)}, samples, None, "example")
-    >>> float(first["w"][0]), float(second["w"][0])  # samples 0-1 and 2-4
-    (0.5, 3.0)
+    Examples:
+      >>> samples = {"w": jnp.arange(5.0)[:, None]}
+      >>> first, second = half_means({"w": jnp.zeros(1)}, samples, None, "example")
+      >>> float(first["w"][0]), float(second["w"][0])  # samples 0-1 and 2-4
+      (0.5, 3.0)
     """
     if axis_name is not None:
         n = _device_count(axis_name)

@@ -4,16 +4,13 @@ Each is ``optax.chain(block, add_decayed_weights(weight_decay, mask),
 scale_by_learning_rate(learning_rate))``: decoupled weight decay as in AdamW
 (``weight_decay=0`` by default, which makes it a no-op), and ``learning_rate``
 and ``weight_decay`` accept a float or an ``optax.Schedule``. The whole chain
-is wrapped in :func:`varjax._base.trainable_leaves_only`: integer and boolean
+is wrapped in ``varjax._base.trainable_leaves_only``: integer and boolean
 parameter leaves get a zero update of their own dtype and no state, and the
 weight decay accepts ``params=None`` when ``weight_decay`` is zero.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -94,11 +91,11 @@ def radam(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Rectified Adam (Liu et al., 2020); see :func:`varjax.scale_by_radam`.
+    """Rectified Adam (Liu et al., 2020); see [`varjax.scale_by_radam`][].
 
-    Same defaults and threshold convention (``rho_t >= 5``) as :func:`optax.radam`,
+    Same defaults and threshold convention (``rho_t >= 5``) as ``optax.radam``,
     and equal to it when ``weight_decay=0`` (up to Optax's float32 error in ``r_t``,
-    see :func:`varjax.scale_by_radam`).
+    see [`varjax.scale_by_radam`][]).
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -110,8 +107,8 @@ def radam(
         (5 as Optax and the official code; 4 is the paper's rule).
       nesterov: use Nesterov momentum (as Optax does).
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -120,7 +117,7 @@ def radam(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, varjax
       >>> params = {"w": jnp.ones(3)}
       >>> tx = varjax.radam(1e-2)
@@ -147,9 +144,9 @@ def adopt(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """ADOPT (Taniguchi et al., 2024); see :func:`varjax.scale_by_adopt`.
+    """ADOPT (Taniguchi et al., 2024); see [`varjax.scale_by_adopt`][].
 
-    Equal to :func:`optax.contrib.adopt` when ``weight_decay=0``, up to Optax's
+    Equal to ``optax.contrib.adopt`` when ``weight_decay=0``, up to Optax's
     float32 rounding of ``1 - b2`` (about 1e-4 relative drift over 60 steps).
 
     Args:
@@ -157,11 +154,11 @@ def adopt(
       b1: momentum decay, in [0, 1).
       b2: second-moment decay, in [0, 1) (0.9999 as the paper).
       eps: lower bound of ``sqrt(v)``, >= 0 (1e-6 as the paper).
-      clip_exponent: the normalised gradient is clipped to ``t ** clip_exponent``,
-        >= 0; ``None`` for no clip.
+      clip_exponent: the normalised gradient is clipped to ``t **
+        clip_exponent``, >= 0; ``None`` for no clip.
       nesterov: use Nesterov momentum (as Optax does).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -170,7 +167,7 @@ def adopt(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adopt(1e-3, weight_decay=1e-2)
       >>> params = {"w": jnp.ones(3)}
@@ -195,7 +192,7 @@ def grams(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Grams (Cao et al., 2024); see :func:`varjax.scale_by_grams`.
+    """Grams (Cao et al., 2024); see [`varjax.scale_by_grams`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -203,8 +200,8 @@ def grams(
       b2: decay of the second-moment EMA, in [0, 1).
       eps: added to ``sqrt(nu_hat)``, >= 0.
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -213,7 +210,7 @@ def grams(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.grams(1e-3)
       >>> params = {"w": jnp.zeros(2)}
@@ -236,7 +233,7 @@ def diffgrad(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """diffGrad (Dubey et al., 2019); see :func:`varjax.scale_by_diffgrad`.
+    """diffGrad (Dubey et al., 2019); see [`varjax.scale_by_diffgrad`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -244,8 +241,8 @@ def diffgrad(
       b2: decay of the second-moment EMA, in [0, 1).
       eps: added to ``sqrt(nu_hat)``, >= 0.
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -254,7 +251,7 @@ def diffgrad(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.diffgrad(1e-3)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -275,7 +272,7 @@ def adam_atan2(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam-atan2 (Everett et al., 2024); see :func:`varjax.scale_by_adam_atan2`.
+    """Adam-atan2 (Everett et al., 2024); see [`varjax.scale_by_adam_atan2`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -284,8 +281,8 @@ def adam_atan2(
       a: the output scale, > 0; the step is at most ``a * pi / 2`` per entry.
       b: the scale of ``sqrt(nu_hat)`` inside ``atan2``, > 0.
       amsgrad: use the running maximum of the bias-corrected second moment (AMSGrad).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -294,7 +291,7 @@ def adam_atan2(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adam_atan2(1e-3)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -316,7 +313,7 @@ def adamp(
     amsgrad: bool = False,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamP (Heo et al., 2021); see :func:`varjax.scale_by_adamp`.
+    """AdamP (Heo et al., 2021); see [`varjax.scale_by_adamp`][].
 
     The weight decay lives in the block (scale-invariant weights get
     ``wd_ratio`` of it), so it is a float here rather than a schedule.
@@ -337,7 +334,7 @@ def adamp(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.adamp(1e-3, weight_decay=1e-2)
       >>> params = {"kernel": jnp.ones((4, 3))}
@@ -367,7 +364,7 @@ def cautious_adamw(
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Cautious AdamW (Liang et al., 2024): :func:`varjax.cautious` around ``optax.scale_by_adam``.
+    """Cautious AdamW (Liang et al., 2024): [`varjax.cautious`][] around ``optax.scale_by_adam``.
 
     The weight decay is added after the mask, as in the paper's C-AdamW, and
     defaults to Optax's ``adamw`` value.
@@ -377,8 +374,8 @@ def cautious_adamw(
       b1: decay of the first-moment EMA, in [0, 1).
       b2: decay of the second-moment EMA, in [0, 1).
       eps: added to ``sqrt(nu_hat)``, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 1e-4, as ``optax.adamw``).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-4, as ``optax.adamw``).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -386,7 +383,7 @@ def cautious_adamw(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.cautious_adamw(1e-3)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -411,13 +408,13 @@ def ademamix(
     mask: MaskOrFn = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdEMAMix (Pagliardini et al., 2024); see :func:`varjax.scale_by_ademamix`.
+    """AdEMAMix (Pagliardini et al., 2024); see [`varjax.scale_by_ademamix`][].
 
     With ``alpha_warmup_steps`` / ``b3_warmup_steps`` set, ``alpha`` and ``b3``
-    follow the paper's warm-ups (:func:`varjax.ademamix_alpha_schedule`,
-    :func:`varjax.ademamix_beta3_schedule`); the paper sets both to the total
+    follow the paper's warm-ups ([`varjax.ademamix_alpha_schedule`][],
+    [`varjax.ademamix_beta3_schedule`][]); the paper sets both to the total
     number of training steps. Without them this equals
-    :func:`optax.contrib.ademamix` (whose defaults it shares, ``weight_decay=0``
+    ``optax.contrib.ademamix`` (whose defaults it shares, ``weight_decay=0``
     included; the paper trains with decoupled weight decay 0.1).
 
     Args:
@@ -431,11 +428,11 @@ def ademamix(
       eps: added to ``sqrt(nu_hat)``, >= 0.
       eps_root: added to ``nu_hat`` inside the square root, >= 0.
       alpha_warmup_steps: warm ``alpha`` up linearly from 0 over this many steps
-        (:func:`varjax.ademamix_alpha_schedule`), >= 1; ``None``: constant.
+        ([`varjax.ademamix_alpha_schedule`][]), >= 1; ``None``: constant.
       b3_warmup_steps: warm ``b3`` up from ``b1`` over this many steps
-        (:func:`varjax.ademamix_beta3_schedule`), >= 1; ``None``: constant.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0, as Optax; the paper trains with 0.1).
+        ([`varjax.ademamix_beta3_schedule`][]), >= 1; ``None``: constant.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0, as Optax; the paper trains with 0.1).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -444,7 +441,7 @@ def ademamix(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import varjax
       >>> tx = varjax.ademamix(1e-3, alpha=8.0, alpha_warmup_steps=10_000, b3_warmup_steps=10_000)
     """
@@ -469,9 +466,9 @@ def simplified_ademamix(
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Simplified AdEMAMix (Morwani et al., 2025); see :func:`varjax.scale_by_simplified_ademamix`.
+    """Simplified AdEMAMix (Morwani et al., 2025); see [`varjax.scale_by_simplified_ademamix`][].
 
-    Equal to :func:`optax.contrib.simplified_ademamix`, whose defaults it shares.
+    Equal to ``optax.contrib.simplified_ademamix``, whose defaults it shares.
     Its momentum sums gradients (about ``1 / (1 - b1)`` times larger than an EMA),
     so it wants a learning rate that much smaller than Adam's.
 
@@ -482,8 +479,8 @@ def simplified_ademamix(
       alpha: weight of the current gradient added to the momentum, >= 0, or a schedule.
       eps: added to ``sqrt(nu_hat)``, >= 0.
       eps_root: added to ``nu_hat`` inside the square root, >= 0.
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -491,7 +488,7 @@ def simplified_ademamix(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.simplified_ademamix(1e-4, alpha=2.0)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -501,77 +498,27 @@ def simplified_ademamix(
 
 
 def _mars(
-    learning_rate: ScalarOrSchedule = 3e-3,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    gamma: ScalarOrSchedule = 0.025,
-    weight_decay: ScalarOrSchedule = 0.0,
     *,
-    exact: bool = False,
-    optimize_1d: bool = False,
-    learning_rate_1d: ScalarOrSchedule | None = None,
-    b1_1d: float = 0.9,
-    b2_1d: float = 0.95,
-    weight_decay_1d: ScalarOrSchedule = 0.1,
-    max_norm: float | None = 1.0,
-    norm_scope: str = "tensor",
-    amsgrad: bool = False,
-    preconditioner: str = "adamw",
+    learning_rate: ScalarOrSchedule,
+    b1: float,
+    b2: float,
+    eps: float,
+    gamma: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule,
+    exact: bool,
+    optimize_1d: bool,
+    learning_rate_1d: ScalarOrSchedule | None,
+    b1_1d: float,
+    b2_1d: float,
+    weight_decay_1d: ScalarOrSchedule,
+    max_norm: float | None,
+    norm_scope: str,
+    amsgrad: bool,
+    preconditioner: str,
 ) -> optax.GradientTransformationExtraArgs:
-    """Matrices (``ndim == 2``) take the MARS step; other leaves (biases, norms,
-    scalars, and convolution kernels) take plain AdamW with ``b1_1d``, ``b2_1d``,
-    ``learning_rate_1d`` (``None``: the same as ``learning_rate``) and
-    ``weight_decay_1d``, as the official code does with ``optimize_1d=False``;
-    ``optimize_1d=True`` gives every leaf the MARS step. (pytorch-optimizer's
-    ``MARS`` sends every leaf with ``ndim >= 2`` to MARS.) Defaults are the
-    official ones: ``b1=0.95, b2=0.99, gamma=0.025, weight_decay=0``, and
-    ``b1_1d=0.9, b2_1d=0.95, weight_decay_1d=0.1``; the official ``lr_1d=3e-3``
-    equals the default learning rate. Weight decay is decoupled and scaled by
-    the learning rate, as in the official code. With ``exact=True`` pass
-    ``previous_grads`` to ``update`` (see :func:`varjax.mars_value_and_grad`).
-
-    The one home of the MARS aliases' signature: :func:`varjax.mars_adamw`,
-    :func:`varjax.mars_lion` and :func:`varjax.mars_shampoo` are built from it by
-    :func:`_mars_alias`, which fixes ``preconditioner`` (and ``amsgrad`` but for AdamW).
-
-    Args:
-      learning_rate: the step size of the MARS leaves (and of the others unless
-        ``learning_rate_1d`` is set), a float >= 0 or an ``optax.Schedule``
-        (3e-3 as the official code).
-      b1: decay of the momentum of the corrected gradient, in [0, 1); it also
-        sets the correction's scale ``gamma * b1 / (1 - b1)``.
-      b2: decay of the second moment of ``c_t``, in [0, 1) (the Lion step has
-        no second moment and ignores it).
-      eps: added to the denominator ``sqrt(v_hat)``, >= 0 (also for the AdamW
-        step of the other leaves).
-      gamma: the weight of the gradient correction, >= 0, or a schedule
-        (0: no correction).
-      weight_decay: decoupled weight decay of the MARS leaves, scaled by the
-        learning rate; a float >= 0 or a schedule (default 0: none).
-      exact: the exact form: ``update`` takes ``previous_grads``, the gradient
-        at the previous parameters on the current batch. ``False`` (default):
-        the approximate form, with the previous step's gradient kept in the state.
-      optimize_1d: give every leaf the MARS step; ``False`` (default): matrices
-        only, the other leaves take AdamW.
-      learning_rate_1d: the step size of the other leaves, a float >= 0 or a
-        schedule; ``None`` (default): ``learning_rate``.
-      b1_1d: decay of the first moment of the other leaves' AdamW, in [0, 1).
-      b2_1d: decay of the second moment of the other leaves' AdamW, in [0, 1).
-      weight_decay_1d: decoupled weight decay of the other leaves, a float >= 0
-        or a schedule (0.1 as the official code).
-      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
-        > 0; ``None``: no clip.
-      norm_scope: ``"tensor"`` (default, the official code): one norm per leaf;
-        ``"global"``: one norm over the tree.
-      amsgrad: use the running maximum of the bias-corrected second moment
-        (AMSGrad) in the MARS step.
-      preconditioner: ``"adamw"``, ``"lion"`` or ``"shampoo"``.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
-      ``previous_grads`` when ``exact=True``.
-    """
+    """The body of ``mars_adamw``, ``mars_lion`` and ``mars_shampoo``, which pass it
+    their arguments and their ``preconditioner`` (and ``amsgrad=False`` but for AdamW):
+    the MARS step on matrices, AdamW on the other leaves unless ``optimize_1d``."""
     block = variance_reduction.scale_by_mars(
         b1,
         b2,
@@ -617,101 +564,191 @@ def _mars(
     return optax.GradientTransformationExtraArgs(partition.init, update_fn)
 
 
-def _built(
-    name: str,
-    make: Callable[..., Any],
-    signature: inspect.Signature,
-    doc: str,
-) -> Callable[..., optax.GradientTransformationExtraArgs]:
-    """A public function ``name`` of ``signature`` that calls ``make`` with its arguments
-    bound by name: its ``inspect.signature`` is ``signature`` (so ``optax.inject_hyperparams``
-    sees every argument and default) and its ``__doc__`` is ``doc``."""
-
-    def function(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return make(**bound.arguments)
-
-    function.__name__ = function.__qualname__ = name
-    function.__module__ = __name__
-    function.__signature__ = signature  # type: ignore[attr-defined]
-    function.__doc__ = doc
-    return function
-
-
-def _sections(doc: str) -> tuple[str, list[str], str]:
-    """A Google docstring's text before ``Args:``, its argument entries, and the rest."""
-    text = inspect.cleandoc(doc)
-    head, _, rest = text.partition("\nArgs:\n")
-    body, _, tail = rest.partition("\n\n")
-    return head.strip(), [f"  {entry}" for entry in re.split(r"\n  (?! )", body.strip())], tail
-
-
-def _without(signature: inspect.Signature, names: Any) -> inspect.Signature:
-    return signature.replace(
-        parameters=[p for n, p in signature.parameters.items() if n not in names]
-    )
-
-
-def _mars_alias(
-    name: str, preconditioner: str, summary: str, example: str
-) -> Callable[..., optax.GradientTransformationExtraArgs]:
-    """``varjax.<name>``: :func:`_mars` with ``preconditioner`` fixed (and ``amsgrad=False``
-    but for AdamW), its docstring ``summary``, :func:`_mars`'s text and Args, ``example``."""
-    fixed = {"preconditioner": preconditioner}
-    if preconditioner != "adamw":
-        fixed["amsgrad"] = False
-    head, entries, tail = _sections(_mars.__doc__ or "")
-    head = head.split("\n\n")[0]  # not the paragraph about this function itself
-    kept = [e for e in entries if e.split(":", 1)[0].strip() not in fixed]
-    doc = "\n\n".join(
-        [summary, head, "Args:\n" + "\n".join(kept), tail.strip(), "Example:\n" + example]
-    )
-    return _built(
-        name, functools.partial(_mars, **fixed), _without(inspect.signature(_mars), fixed), doc
-    )
-
-
-mars_adamw = _mars_alias(
-    "mars_adamw",
-    "adamw",
+def mars_adamw(
+    learning_rate: ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    gamma: ScalarOrSchedule = 0.025,
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    exact: bool = False,
+    optimize_1d: bool = False,
+    learning_rate_1d: ScalarOrSchedule | None = None,
+    b1_1d: float = 0.9,
+    b2_1d: float = 0.95,
+    weight_decay_1d: ScalarOrSchedule = 0.1,
+    max_norm: float | None = 1.0,
+    norm_scope: str = "tensor",
+    amsgrad: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     """MARS-AdamW (Yuan et al., 2024): the variance-reduced gradient fed to AdamW.
 
-See :func:`varjax.scale_by_mars` for the step.""",
-    """  >>> import jax.numpy as jnp, optax, varjax
-  >>> tx = varjax.mars_adamw(3e-3)
-  >>> params = {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
-  >>> grads = {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}
-  >>> updates, state = tx.update(grads, tx.init(params), params)""",
-)
+    See [`scale_by_mars`][varjax.scale_by_mars] for the step. Matrices (``ndim == 2``)
+    take the MARS step; other leaves (biases, norms, scalars, and convolution
+    kernels) take plain AdamW with ``b1_1d``, ``b2_1d``, ``learning_rate_1d``
+    (``None``: the same as ``learning_rate``) and ``weight_decay_1d``, as the official
+    code does with ``optimize_1d=False``; ``optimize_1d=True`` gives every leaf the
+    MARS step. (pytorch-optimizer's ``MARS`` sends every leaf with ``ndim >= 2`` to
+    MARS.) Defaults are the official ones: ``b1=0.95, b2=0.99, gamma=0.025,
+    weight_decay=0``, and ``b1_1d=0.9, b2_1d=0.95, weight_decay_1d=0.1``; the
+    official ``lr_1d=3e-3`` equals the default learning rate. Weight decay is
+    decoupled and scaled by the learning rate, as in the official code. With
+    ``exact=True`` pass ``previous_grads`` to ``update`` (see
+    [`mars_value_and_grad`][varjax.mars_value_and_grad]).
+    [`mars_lion`][varjax.mars_lion] and [`mars_shampoo`][varjax.mars_shampoo] take
+    the same arguments (but ``amsgrad``) with another step on the matrices.
 
-mars_lion = _mars_alias(
-    "mars_lion",
-    "lion",
+    Args:
+      learning_rate: the step size of the MARS leaves (and of the others unless
+        ``learning_rate_1d`` is set), a float >= 0 or an ``optax.Schedule``
+        (3e-3 as the official code).
+      b1: decay of the momentum of the corrected gradient, in [0, 1); it also
+        sets the correction's scale ``gamma * b1 / (1 - b1)``.
+      b2: decay of the second moment of ``c_t``, in [0, 1).
+      eps: added to the denominator ``sqrt(v_hat)``, >= 0 (also for the AdamW
+        step of the other leaves).
+      gamma: the weight of the gradient correction, >= 0, or a schedule
+        (0: no correction).
+      weight_decay: decoupled weight decay of the MARS leaves, scaled by the
+        learning rate; a float >= 0 or a schedule (default 0: none).
+      exact: the exact form: ``update`` takes ``previous_grads``, the gradient
+        at the previous parameters on the current batch. ``False`` (default):
+        the approximate form, with the previous step's gradient kept in the state.
+      optimize_1d: give every leaf the MARS step; ``False`` (default): matrices
+        only, the other leaves take AdamW.
+      learning_rate_1d: the step size of the other leaves, a float >= 0 or a
+        schedule; ``None`` (default): ``learning_rate``.
+      b1_1d: decay of the first moment of the other leaves' AdamW, in [0, 1).
+      b2_1d: decay of the second moment of the other leaves' AdamW, in [0, 1).
+      weight_decay_1d: decoupled weight decay of the other leaves, a float >= 0
+        or a schedule (0.1 as the official code).
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds
+        it, > 0; ``None``: no clip.
+      norm_scope: ``"tensor"`` (default, the official code): one norm per leaf;
+        ``"global"``: one norm over the tree.
+      amsgrad: use the running maximum of the bias-corrected second moment
+        (AMSGrad) in the MARS step.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
+      ``previous_grads`` when ``exact=True``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = varjax.mars_adamw(3e-3)
+      >>> params = {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
+      >>> grads = {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+    """
+    return _mars(**locals(), preconditioner="adamw")
+
+
+def mars_lion(
+    learning_rate: ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    gamma: ScalarOrSchedule = 0.025,
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    exact: bool = False,
+    optimize_1d: bool = False,
+    learning_rate_1d: ScalarOrSchedule | None = None,
+    b1_1d: float = 0.9,
+    b2_1d: float = 0.95,
+    weight_decay_1d: ScalarOrSchedule = 0.1,
+    max_norm: float | None = 1.0,
+    norm_scope: str = "tensor",
+) -> optax.GradientTransformationExtraArgs:
     """MARS-Lion (Yuan et al., 2024): ``sign`` of the EMA of the corrected gradient.
 
-``b2`` is unused (the sign step has no second moment, and the other leaves'
-AdamW takes ``b2_1d``); ``eps`` only matters for those leaves. The
-official hyper-parameters were tuned for MARS-AdamW: tune the learning
-rate (sign steps are larger; Lion's rule of thumb is 3-10x smaller).""",
-    """  >>> import jax.numpy as jnp, varjax
-  >>> tx = varjax.mars_lion(3e-4)
-  >>> state = tx.init({"kernel": jnp.ones((4, 3))})""",
-)
+    [`mars_adamw`][varjax.mars_adamw] with Lion's sign step on the matrices: the
+    same split of the leaves, defaults and ``exact`` form. The official
+    hyper-parameters were tuned for MARS-AdamW: tune the learning rate (sign steps
+    are larger; Lion's rule of thumb is 3-10x smaller).
 
-mars_shampoo = _mars_alias(
-    "mars_shampoo",
-    "shampoo",
+    Args:
+      learning_rate: the step size of the MARS leaves, and of the others unless
+        ``learning_rate_1d`` is set; a float >= 0 or a schedule.
+      b1: decay of the momentum of the corrected gradient, in [0, 1).
+      b2: unused: the sign step has no second moment (the other leaves'
+        AdamW takes ``b2_1d``).
+      eps: only for the AdamW step of the other leaves, >= 0.
+      gamma: the weight of the gradient correction, >= 0, or a schedule.
+      weight_decay: decoupled weight decay of the MARS leaves (default 0).
+      exact: ``update`` takes ``previous_grads`` (the exact form).
+      optimize_1d: give every leaf the sign step.
+      learning_rate_1d: the step size of the other leaves (``None``: ``learning_rate``).
+      b1_1d: decay of the first moment of the other leaves' AdamW.
+      b2_1d: decay of the second moment of the other leaves' AdamW.
+      weight_decay_1d: decoupled weight decay of the other leaves (0.1).
+      max_norm: the clip of the corrected gradient's norm (``None``: none).
+      norm_scope: ``"tensor"`` or ``"global"``, as in ``mars_adamw``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.mars_lion(3e-4)
+      >>> state = tx.init({"kernel": jnp.ones((4, 3))})
+    """
+    return _mars(**locals(), preconditioner="lion", amsgrad=False)
+
+
+def mars_shampoo(
+    learning_rate: ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    gamma: ScalarOrSchedule = 0.025,
+    weight_decay: ScalarOrSchedule = 0.0,
+    *,
+    exact: bool = False,
+    optimize_1d: bool = False,
+    learning_rate_1d: ScalarOrSchedule | None = None,
+    b1_1d: float = 0.9,
+    b2_1d: float = 0.95,
+    weight_decay_1d: ScalarOrSchedule = 0.1,
+    max_norm: float | None = 1.0,
+    norm_scope: str = "tensor",
+) -> optax.GradientTransformationExtraArgs:
     """MARS-Shampoo (Yuan et al., 2024): the momentum orthogonalised by Newton-Schulz.
 
-Matrices step by ``U V^T`` of the momentum (five quintic Newton-Schulz
-iterations in float32, the official coefficients; the official code
-iterates in bfloat16), scaled by ``sqrt(max(1, rows / cols))``. Tune the
-learning rate: the official values were tuned for MARS-AdamW.""",
-    """  >>> import jax.numpy as jnp, varjax
-  >>> tx = varjax.mars_shampoo(1e-2)
-  >>> state = tx.init({"kernel": jnp.ones((4, 3))})""",
-)
+    [`mars_adamw`][varjax.mars_adamw] with another step on the matrices: ``U V^T``
+    of the momentum (five quintic Newton-Schulz iterations in float32, the
+    official coefficients; the official code iterates in bfloat16), scaled by
+    ``sqrt(max(1, rows / cols))``. Tune the learning rate: the official values
+    were tuned for MARS-AdamW.
+
+    Args:
+      learning_rate: the step size, for every leaf unless ``learning_rate_1d``
+        is set (a float >= 0 or a schedule).
+      b1: decay of the momentum that is orthogonalised, in [0, 1).
+      b2: Adam's second-moment decay, for the leaves other than matrices that
+        ``optimize_1d=True`` gives this step; the matrices' step does not use it.
+      eps: the Newton-Schulz normalisation's ``eps``, and AdamW's, >= 0.
+      gamma: how much of the gradient correction is added, >= 0 (or a schedule).
+      weight_decay: the matrices' decoupled weight decay (default 0).
+      exact: the exact form, with ``previous_grads`` passed to ``update``.
+      optimize_1d: give every leaf the orthogonalised step.
+      learning_rate_1d: the other leaves' step size (``None``: ``learning_rate``).
+      b1_1d: the other leaves' first-moment decay.
+      b2_1d: the other leaves' second-moment decay.
+      weight_decay_1d: the other leaves' decoupled weight decay (0.1).
+      max_norm: the corrected gradient is clipped to this norm (``None``: never).
+      norm_scope: one norm per leaf (``"tensor"``) or over the tree (``"global"``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.mars_shampoo(1e-2)
+      >>> state = tx.init({"kernel": jnp.ones((4, 3))})
+    """
+    return _mars(**locals(), preconditioner="shampoo", amsgrad=False)
 
 
 def qhm(
@@ -724,14 +761,14 @@ def qhm(
 ) -> optax.GradientTransformationExtraArgs:
     """Quasi-hyperbolic momentum SGD (Ma & Yarats, 2019): ``-lr ((1 - nu) g + nu m)``.
 
-    See :func:`varjax.scale_by_qhm`; ``weight_decay`` is decoupled (AdamW-style).
+    See [`varjax.scale_by_qhm`][]; ``weight_decay`` is decoupled (AdamW-style).
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
       b: decay of the momentum (an EMA), in [0, 1].
       nu: weight of the momentum against the raw gradient, in [0, 1] (0: SGD).
-      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a float
-        >= 0 or a schedule (default 0: none).
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 0: none).
       mask: which leaves decay: a pytree of booleans like the parameters, or a
         function of the parameters returning one (``None``: all), as in
         ``optax.add_decayed_weights``.
@@ -739,7 +776,7 @@ def qhm(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.qhm(0.1)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -756,7 +793,7 @@ def igt(
 
     ``v_t = gamma_t v_{t-1} + (1 - gamma_t) g(theta_t + gamma_t / (1 - gamma_t)
     (theta_t - theta_{t-1}))`` and ``theta_{t+1} = theta_t - lr v_t``; the caller's
-    parameters are the extrapolated point and :func:`varjax.igt_eval_params`
+    parameters are the extrapolated point and [`varjax.igt_eval_params`][]
     gives ``theta``. ``gamma=None`` is the anytime average ``t / (t + 1)``
     (the paper's IGT, whose transport is exact on quadratics: on Rosenbrock it
     stalls near loss 0.3 where ``gamma=0.9`` converges); a float is Heavyball-IGT.
@@ -769,7 +806,7 @@ def igt(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.igt(0.1, gamma=0.9)
       >>> params = {"w": jnp.ones(3)}
@@ -798,7 +835,7 @@ def _adamw(
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW: ``optax.scale_by_adam``, decoupled weight decay, the learning rate.
 
-    The full-precision alias of :func:`varjax.adamw_8bit` and the other quantized Adams.
+    The full-precision alias of [`varjax.adamw_8bit`][] and the other quantized Adams.
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -836,7 +873,7 @@ def _lion(
 ) -> optax.GradientTransformationExtraArgs:
     """Lion (Chen et al., 2023): ``optax.scale_by_lion``, weight decay, the learning rate.
 
-    The full-precision alias of :func:`varjax.lion_8bit` and :func:`varjax.lion_4bit`.
+    The full-precision alias of [`varjax.lion_8bit`][] and [`varjax.lion_4bit`][].
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
@@ -853,29 +890,53 @@ def _lion(
     return _with_decay_and_rate(block, learning_rate, weight_decay, mask)
 
 
-_QUANTIZED_DOC = """The optimizer state is kept block-wise quantized by
-:func:`varjax.quantize_state`. Inside ``optax.inject_hyperparams`` the
-learning rate, betas and weight decay can be injected; an explicit
-``block_size`` or ``min_size`` must then be named in ``static_args``. The
-wrapper holds the whole optimizer, weight decay and learning rate included,
-so a step with a non-finite gradient (or one that overflows the state) is
-skipped whole: zero updates, the state and any learning-rate schedule
-unchanged, and ``state.skipped`` counts it. 8 bits:
-bitsandbytes' dynamic maps, about 2.04 bytes per parameter for two moments
-instead of 8. 4 bits: the maps of Li et al. (2023), about 1.06 bytes."""
+_QUANTIZATION_OPTIONS = ("block_size", "min_size", "stochastic_rounding", "roles")
 
 
-def _quantization_args(
+def _quantized(
+    full: Callable[..., optax.GradientTransformation],
+    bits: int,
+    arguments: Mapping[str, Any],
+    **fixed: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """The one builder of the quantized aliases: the full-precision alias ``full``,
+    called with ``arguments`` (a quantized alias's own, less its quantization options)
+    and ``fixed``, inside ``quantize_state`` at ``bits``: one wrapper around the whole
+    chain, weight decay and learning rate included."""
+    arguments = dict(arguments)
+    options = {name: arguments.pop(name) for name in _QUANTIZATION_OPTIONS}
+    return quantize_state(full(**arguments, **fixed), bits=bits, **options)
+
+
+def adam_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
     block_size: int | None = None,
     min_size: int | None = None,
     stochastic_rounding: bool = False,
     roles: RoleOverride = None,
-) -> None:
-    """The quantized aliases' own arguments, after those of their full-precision alias.
+) -> optax.GradientTransformationExtraArgs:
+    """Adam with 8-bit state (Dettmers et al., 2022), as bitsandbytes' ``Adam8bit``.
+
+    Its state is kept block-wise quantized by [`quantize_state`][varjax.quantize_state]
+    at 8 bits (bitsandbytes' dynamic maps): about 2.04 bytes per parameter for the
+    two moments instead of 8. The quantizer holds the whole optimizer, learning rate
+    included, so a step with a non-finite gradient (or one that overflows the state)
+    is skipped whole: zero updates, the state and any learning-rate schedule
+    unchanged, and ``state.skipped`` counts it. Inside ``optax.inject_hyperparams``
+    the learning rate and betas can be injected; an explicit ``block_size`` or
+    ``min_size`` must then be named in ``static_args``.
 
     Args:
-      block_size: entries per quantization block along the last axis, an int
-        >= 1 (each block keeps one float32 absmax); ``None``: 256 at 8 bits,
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      block_size: entries per quantization block along the last axis, an
+        int >= 1 (each block keeps one float32 absmax); ``None``: 256 at 8 bits,
         128 at 4 bits.
       min_size: leaves of the state with fewer elements stay in float32, an
         int >= 0; ``None``: 4096.
@@ -883,110 +944,337 @@ def _quantization_args(
         its two nearest codes; ``False`` (default): to the nearest code, as
         bitsandbytes.
       roles: overrides the declared role of chosen state leaves, as in
-        :func:`varjax.quantize_state`: ``{"embed": Role.EXACT}`` keeps the state
-        of every parameter whose path names ``embed`` in float32.
+        [`quantize_state`][varjax.quantize_state]: ``{"embed": Role.EXACT}`` keeps
+        the state of every parameter whose path names ``embed`` in float32.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`varjax.quantization.QuantizedState`.
+      [`QuantizedState`][varjax.quantization.QuantizedState].
+
+    Examples:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.adam_8bit(1e-3)
+      >>> state = tx.init({"w": jnp.zeros((128, 64))})
     """
+    return _quantized(_adamw, 8, locals(), weight_decay=0.0, mask=None)
 
 
-def _quantized(
-    name: str,
-    full: Callable[..., optax.GradientTransformation],
-    bits: int,
-    summary: str,
-    fixed: Mapping[str, Any] | None = None,
-) -> Callable[..., optax.GradientTransformationExtraArgs]:
-    """``varjax.<name>``: ``full`` (less the ``fixed`` arguments) in
-    :func:`varjax.quantize_state` at ``bits``, one wrapper around the whole chain.
+def adam_4bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam with 4-bit state (Li et al., 2023, "Memory Efficient Optimizers with 4-bit States").
 
-    Its signature is ``full``'s (without ``fixed``), then :func:`_quantization_args`'s
-    as keyword-only arguments; its docstring ``summary``, the quantization paragraph,
-    both Args sections, and an example.
+    [`adam_8bit`][varjax.adam_8bit] with the maps of Li et al. (2023) at 4 bits:
+    about 1.06 bytes per parameter for the two moments. The same quantizer around
+    the whole optimizer (non-finite steps skipped whole; ``block_size`` or
+    ``min_size`` in ``static_args`` of ``optax.inject_hyperparams``).
+
+    Args:
+      learning_rate: the step size (a float >= 0 or a schedule).
+      b1: the first moment's decay, in [0, 1).
+      b2: the second moment's decay, in [0, 1).
+      eps: added to the root of the second moment, >= 0.
+      block_size: entries per block of 4-bit codes (``None``: 128).
+      min_size: smaller state leaves stay in float32 (``None``: 4096).
+      stochastic_rounding: round to one of the two nearest codes at random.
+      roles: role overrides for chosen state leaves.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (a quantized state).
+
+    Examples:
+      >>> import jax.numpy as jnp, varjax
+      >>> state = varjax.adam_4bit(1e-3).init({"w": jnp.zeros((128, 64))})
+      >>> state.skipped
+      Array(0, dtype=int32)
     """
-    fixed = dict(fixed or {})
-    own = inspect.signature(_quantization_args).parameters
-    full_signature = _without(inspect.signature(full), fixed)
-    parameters = [*full_signature.parameters.values()]
-    parameters += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.values()]
-    signature = full_signature.replace(
-        parameters=parameters, return_annotation="optax.GradientTransformationExtraArgs"
-    )
-
-    def make(**arguments: Any) -> optax.GradientTransformationExtraArgs:
-        quantization = {key: arguments.pop(key) for key in own}
-        return quantize_state(full(**arguments, **fixed), bits=bits, **quantization)
-
-    _, entries, _ = _sections(full.__doc__ or "")
-    entries = [e for e in entries if e.split(":", 1)[0].strip() not in fixed]
-    _, own_entries, returns = _sections(_quantization_args.__doc__ or "")
-    example = (
-        "  >>> import jax.numpy as jnp, varjax\n"
-        f"  >>> tx = varjax.{name}(1e-3)\n"
-        '  >>> state = tx.init({"w": jnp.zeros((128, 64))})'
-    )
-    doc = "\n\n".join(
-        [
-            summary,
-            _QUANTIZED_DOC,
-            "Args:\n" + "\n".join([*entries, *own_entries]),
-            returns.strip(),
-            "Example:\n" + example,
-        ]
-    )
-    return _built(name, make, signature, doc)
+    return _quantized(_adamw, 4, locals(), weight_decay=0.0, mask=None)
 
 
-_NO_DECAY = {"weight_decay": 0.0, "mask": None}
+def adamw_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    mask: MaskOrFn = None,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with 8-bit state; ``weight_decay=1e-4`` as ``optax.adamw`` (bitsandbytes'
+    ``AdamW8bit`` defaults to 1e-2).
 
-adam_8bit = _quantized(
-    "adam_8bit",
-    _adamw,
-    8,
-    "Adam with 8-bit state (Dettmers et al., 2022), as bitsandbytes' ``Adam8bit``.",
-    _NO_DECAY,
-)
-adam_4bit = _quantized(
-    "adam_4bit",
-    _adamw,
-    4,
-    'Adam with 4-bit state (Li et al., 2023, "Memory Efficient Optimizers with 4-bit States").',
-    _NO_DECAY,
-)
-adamw_8bit = _quantized(
-    "adamw_8bit",
-    _adamw,
-    8,
-    "AdamW with 8-bit state. ``weight_decay=1e-4`` as ``optax.adamw`` (bitsandbytes'\n"
-    "``AdamW8bit`` defaults to 1e-2).",
-)
-adamw_4bit = _quantized(
-    "adamw_4bit",
-    _adamw,
-    4,
-    "AdamW with 4-bit state (Li et al., 2023). ``weight_decay=1e-4`` as ``optax.adamw``.",
-)
-lion_8bit = _quantized(
-    "lion_8bit",
-    _lion,
-    8,
-    "Lion (Chen et al., 2023) with 8-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.",
-)
-lion_4bit = _quantized(
-    "lion_4bit", _lion, 4, "Lion with 4-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``."
-)
-ademamix_8bit = _quantized(
-    "ademamix_8bit",
-    ademamix,
-    8,
-    "AdEMAMix (:func:`varjax.ademamix`) with its three moments in 8 bits, as\n"
-    "bitsandbytes' ``AdEMAMix8bit``.",
-)
-ademamix_4bit = _quantized(
-    "ademamix_4bit",
-    ademamix,
-    4,
-    "AdEMAMix (:func:`varjax.ademamix`) with its three moments in 4 bits.",
-)
+    [`adam_8bit`][varjax.adam_8bit] with decoupled weight decay, inside the same
+    quantizer: the weight decay is skipped with the rest of a non-finite step, and
+    can be injected by ``optax.inject_hyperparams`` with the learning rate and betas.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: decay of the first-moment EMA, in [0, 1).
+      b2: decay of the second-moment EMA, in [0, 1).
+      eps: added to ``sqrt(nu_hat)``, >= 0.
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-4).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).
+      block_size: as in [`adam_8bit`][varjax.adam_8bit] (``None``: 256).
+      min_size: state leaves with fewer elements stay in float32 (``None``: 4096).
+      stochastic_rounding: round stochastically (unbiased) rather than to the
+        nearest code.
+      roles: overrides the declared role of chosen state leaves (see
+        [`quantize_state`][varjax.quantize_state]).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      [`QuantizedState`][varjax.quantization.QuantizedState].
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, varjax
+      >>> tx = optax.inject_hyperparams(varjax.adamw_8bit)(learning_rate=1e-3)
+      >>> state = tx.init({"w": jnp.zeros((128, 64))})
+    """
+    return _quantized(_adamw, 8, locals())
+
+
+def adamw_4bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    *,
+    mask: MaskOrFn = None,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with 4-bit state (Li et al., 2023). ``weight_decay=1e-4`` as ``optax.adamw``.
+
+    [`adamw_8bit`][varjax.adamw_8bit] at 4 bits, with the maps of
+    [`adam_4bit`][varjax.adam_4bit].
+
+    Args:
+      learning_rate: the step size (a float >= 0 or a schedule).
+      b1: the first moment's decay, in [0, 1).
+      b2: the second moment's decay, in [0, 1).
+      eps: added to the root of the second moment, >= 0.
+      weight_decay: decoupled, scaled by the learning rate (a float or a schedule).
+      mask: the leaves that decay (``None``: all).
+      block_size: entries per block of 4-bit codes (``None``: 128).
+      min_size: smaller state leaves stay in float32 (``None``: 4096).
+      stochastic_rounding: round to one of the two nearest codes at random.
+      roles: role overrides for chosen state leaves.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (a quantized state).
+
+    Examples:
+      >>> import varjax
+      >>> tx = varjax.adamw_4bit(1e-3, weight_decay=1e-2, block_size=64)
+    """
+    return _quantized(_adamw, 4, locals())
+
+
+def lion_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: ScalarOrSchedule = 1e-3,
+    *,
+    mask: MaskOrFn = None,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Lion (Chen et al., 2023) with 8-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
+
+    ``optax.scale_by_lion``, decoupled weight decay and the learning rate, inside
+    the quantizer of [`adam_8bit`][varjax.adam_8bit]: one moment, about 1.02 bytes
+    per parameter instead of 4.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule`` of the step count.
+      b1: Lion's interpolation between momentum and gradient for the step, in [0, 1].
+      b2: decay of Lion's momentum, in [0, 1].
+      weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``; a
+        float >= 0 or a schedule (default 1e-3).
+      mask: which leaves decay: a pytree of booleans like the parameters, or a
+        function of the parameters returning one (``None``: all).
+      block_size: entries per quantization block of the momentum (``None``: 256).
+      min_size: a momentum leaf with fewer elements stays in float32 (``None``: 4096).
+      stochastic_rounding: round the momentum stochastically (unbiased).
+      roles: overrides the declared role of chosen state leaves, as in
+        [`quantize_state`][varjax.quantize_state].
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      [`QuantizedState`][varjax.quantization.QuantizedState].
+
+    Examples:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.lion_8bit(1e-4)
+      >>> state = tx.init({"w": jnp.zeros((128, 64))})
+    """
+    return _quantized(_lion, 8, locals())
+
+
+def lion_4bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: ScalarOrSchedule = 1e-3,
+    *,
+    mask: MaskOrFn = None,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Lion with 4-bit momentum; ``weight_decay=1e-3`` as ``optax.lion``.
+
+    [`lion_8bit`][varjax.lion_8bit] at 4 bits, with the maps of
+    [`adam_4bit`][varjax.adam_4bit].
+
+    Args:
+      learning_rate: the step size (a float >= 0 or a schedule).
+      b1: the weight of the momentum in the sign step, in [0, 1].
+      b2: the momentum's decay, in [0, 1].
+      weight_decay: decoupled, scaled by the learning rate (a float or a schedule).
+      mask: the leaves that decay (``None``: all).
+      block_size: entries per block of 4-bit codes (``None``: 128).
+      min_size: smaller state leaves stay in float32 (``None``: 4096).
+      stochastic_rounding: round to one of the two nearest codes at random.
+      roles: role overrides for chosen state leaves.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (a quantized state).
+
+    Examples:
+      >>> import varjax
+      >>> tx = varjax.lion_4bit(1e-4, stochastic_rounding=True)
+    """
+    return _quantized(_lion, 4, locals())
+
+
+def ademamix_8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    alpha_warmup_steps: int | None = None,
+    b3_warmup_steps: int | None = None,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdEMAMix ([`ademamix`][varjax.ademamix]) with its three moments in 8 bits, as
+    bitsandbytes' ``AdEMAMix8bit``.
+
+    The whole of [`ademamix`][varjax.ademamix] inside the quantizer of
+    [`adam_8bit`][varjax.adam_8bit]: about 3.06 bytes per parameter instead of 12.
+
+    Args:
+      learning_rate: the step size, a float >= 0 or an ``optax.Schedule``.
+      b1: decay of the fast EMA, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      b3: decay of the slow EMA, in [0, 1) (with ``b3_warmup_steps``, where its
+        warm-up ends).
+      alpha: weight of the slow EMA, >= 0 (with ``alpha_warmup_steps``, where its
+        warm-up ends).
+      eps: added to the root of the second moment, >= 0.
+      eps_root: added to the second moment inside the root, >= 0.
+      alpha_warmup_steps: the steps of ``alpha``'s linear warm-up (``None``: none).
+      b3_warmup_steps: the steps of ``b3``'s warm-up from ``b1`` (``None``: none).
+      weight_decay: decoupled weight decay, a float >= 0 or a schedule (default 0).
+      mask: which leaves decay (``None``: all).
+      mu_dtype: dtype of the fast EMA before quantization (``None``: the
+        parameters').
+      block_size: entries per quantization block of each moment (``None``: 256).
+      min_size: moment leaves with fewer elements stay in float32 (``None``: 4096).
+      stochastic_rounding: round each moment stochastically (unbiased).
+      roles: overrides the declared role of chosen state leaves, as in
+        [`quantize_state`][varjax.quantize_state].
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      [`QuantizedState`][varjax.quantization.QuantizedState].
+
+    Examples:
+      >>> import jax.numpy as jnp, varjax
+      >>> tx = varjax.ademamix_8bit(1e-3, alpha_warmup_steps=1000, b3_warmup_steps=1000)
+      >>> state = tx.init({"w": jnp.zeros((128, 64))})
+    """
+    return _quantized(ademamix, 8, locals())
+
+
+def ademamix_4bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    alpha_warmup_steps: int | None = None,
+    b3_warmup_steps: int | None = None,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    mu_dtype: Any = None,
+    block_size: int | None = None,
+    min_size: int | None = None,
+    stochastic_rounding: bool = False,
+    roles: RoleOverride = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdEMAMix ([`ademamix`][varjax.ademamix]) with its three moments in 4 bits.
+
+    [`ademamix_8bit`][varjax.ademamix_8bit] at 4 bits, with the maps of
+    [`adam_4bit`][varjax.adam_4bit].
+
+    Args:
+      learning_rate: the step size (a float >= 0 or a schedule).
+      b1: the fast EMA's decay.
+      b2: the second moment's decay.
+      b3: the slow EMA's decay (or the end of its warm-up).
+      alpha: the slow EMA's weight (or the end of its warm-up).
+      eps: added to the root of the second moment.
+      eps_root: added inside that root.
+      alpha_warmup_steps: length of the warm-up of ``alpha``, or ``None``.
+      b3_warmup_steps: length of the warm-up of ``b3``, or ``None``.
+      weight_decay: decoupled, scaled by the learning rate (a float or a schedule).
+      mask: the leaves that decay (``None``: all).
+      mu_dtype: the fast EMA's dtype before quantization.
+      block_size: entries per block of 4-bit codes (``None``: 128).
+      min_size: smaller state leaves stay in float32 (``None``: 4096).
+      stochastic_rounding: round to one of the two nearest codes at random.
+      roles: role overrides for chosen state leaves.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (a quantized state).
+
+    Examples:
+      >>> import varjax
+      >>> tx = varjax.ademamix_4bit(1e-3, alpha=8.0)
+    """
+    return _quantized(ademamix, 4, locals())

@@ -1,10 +1,10 @@
 """Diagnostics kept in the optimizer state and readable every step.
 
-- :func:`gradient_noise_scale`: the simple noise scale ``B_simple`` of
+- [`gradient_noise_scale`][varjax.gradient_noise_scale]: the simple noise scale ``B_simple`` of
   McCandlish et al. (2018), "An Empirical Model of Large-Batch Training";
-- :func:`gradient_snr_monitor`: per-layer gradient signal, variance and
+- [`gradient_snr_monitor`][varjax.gradient_snr_monitor]: per-layer gradient signal, variance and
   signal-to-noise ratio across micro-batches or devices;
-- :func:`state_bytes`: the bytes an optimizer state holds.
+- [`state_bytes`][varjax.state_bytes]: the bytes an optimizer state holds.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ def state_bytes(state: Any) -> int:
     Returns:
       The number of bytes, an ``int``.
 
-    >>> import jax.numpy as jnp, optax
-    >>> state_bytes(optax.adam(1e-3).init({"w": jnp.zeros(1000)}))  # mu, nu and a count
-    8004
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> state_bytes(optax.adam(1e-3).init({"w": jnp.zeros(1000)}))  # mu, nu and a count
+      8004
     """
     return sum(
         int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype")
@@ -65,7 +66,7 @@ def state_bytes(state: Any) -> int:
     noise_scale=Role.EXACT,
 )
 class NoiseScaleState(NamedTuple):
-    """State of :func:`gradient_noise_scale`.
+    """State of [`gradient_noise_scale`][varjax.gradient_noise_scale].
 
     ``grad_norm_squared`` and ``trace_covariance`` are the bias-corrected EMAs of
     the unbiased per-step estimates of ``|G|^2`` and ``tr(Sigma)`` (per-example
@@ -94,9 +95,10 @@ def noise_scale_estimates(
     gradients averaged over ``small`` and ``large`` examples (McCandlish et al.,
     2018, Appendix A.1), using ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``.
 
-    >>> g2, trace = noise_scale_estimates(jnp.asarray(3.0), jnp.asarray(1.5), 4, 16)
-    >>> float(g2), float(trace)
-    (1.0, 8.0)
+    Examples:
+      >>> g2, trace = noise_scale_estimates(jnp.asarray(3.0), jnp.asarray(1.5), 4, 16)
+      >>> float(g2), float(trace)
+      (1.0, 8.0)
     """
     g2 = (large * large_norm_squared - small * small_norm_squared) / (large - small)
     trace = (small_norm_squared - large_norm_squared) / (1.0 / small - 1.0 / large)
@@ -128,10 +130,10 @@ def gradient_noise_scale(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`NoiseScaleState`; ``update`` needs ``small_batch_grads``, one
-      gradient with the structure and shapes of the updates.
+      [`NoiseScaleState`][varjax.diagnostics.NoiseScaleState]; ``update`` needs
+      ``small_batch_grads``, one gradient with the structure and shapes of the updates.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.gradient_noise_scale(32, 256), optax.adam(1e-3))
       >>> params = {"w": jnp.zeros(3)}
@@ -193,10 +195,10 @@ def gradient_noise_scale(
 
 @roles.declare(count=Role.COUNT, signal=Role.EXACT, variance=Role.EXACT, gsnr=Role.EXACT)
 class GradientSNRState(NamedTuple):
-    """State of :func:`gradient_snr_monitor`, one scalar per parameter leaf: ``signal``,
-    the mean over the leaf's elements of the unbiased estimate of the squared
-    mean gradient; ``variance``, the mean of the unbiased variance across the
-    samples; ``gsnr``, their ratio (all EMAs when ``decay > 0``)."""
+    """State of [`gradient_snr_monitor`][varjax.gradient_snr_monitor], one scalar per parameter
+    leaf: ``signal``, the mean over the leaf's elements of the unbiased estimate of the squared mean
+    gradient; ``variance``, the mean of the unbiased variance across the samples; ``gsnr``, their
+    ratio (all EMAs when ``decay > 0``)."""
 
     count: jax.Array
     signal: optax.Updates
@@ -254,10 +256,10 @@ def gradient_snr_monitor(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`GradientSNRState`; without ``axis_name``, ``update`` needs
-      ``microbatch_grads`` of shape ``(n, *gradient.shape)`` per leaf.
+      [`GradientSNRState`][varjax.diagnostics.GradientSNRState]; without ``axis_name``, ``update``
+      needs ``microbatch_grads`` of shape ``(n, *gradient.shape)`` per leaf.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, varjax
       >>> tx = varjax.gradient_snr_monitor()
       >>> params = {"w": jnp.zeros(3)}

@@ -1,15 +1,16 @@
 """Multi-EMA methods: several exponential moving averages of the gradient, combined.
 
-* :func:`multi_ema` - K EMAs of the gradient with their own decays, weights and
-  bias-correction flags, summed; decays and weights may be schedules.
-* :func:`scale_by_second_moment` - divides any numerator transform (such as
-  :func:`multi_ema`) by the bias-corrected RMS of the *raw* gradient: Adam's
-  denominator as a composable piece.
-* :func:`scale_by_ademamix` - AdEMAMix, the two instances above combined, with
-  the paper's schedulers :func:`ademamix_alpha_schedule` and
-  :func:`ademamix_beta3_schedule`; :func:`scale_by_simplified_ademamix`.
-* :func:`grokfast_ema`, :func:`grokfast_ma` - Grokfast's filters that amplify
-  the slow component of the gradient, to chain before any optimizer.
+* [`multi_ema`][varjax.multi_ema.multi_ema] - K EMAs of the gradient with their own decays, weights
+  and bias-correction flags, summed; decays and weights may be schedules.
+* [`scale_by_second_moment`][varjax.scale_by_second_moment] - divides any numerator transform (such
+  as [`multi_ema`][varjax.multi_ema.multi_ema]) by the bias-corrected RMS of the *raw* gradient:
+  Adam's denominator as a composable piece.
+* [`scale_by_ademamix`][varjax.scale_by_ademamix] - AdEMAMix, the two instances above combined, with
+  the paper's schedulers [`ademamix_alpha_schedule`][varjax.ademamix_alpha_schedule] and
+  [`ademamix_beta3_schedule`][varjax.ademamix_beta3_schedule];
+  [`scale_by_simplified_ademamix`][varjax.scale_by_simplified_ademamix].
+* [`grokfast_ema`][varjax.grokfast_ema], [`grokfast_ma`][varjax.grokfast_ma] - Grokfast's filters
+  that amplify the slow component of the gradient, to chain before any optimizer.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ __all__ = [
 
 @roles.declare(count=Role.COUNT, emas=Role.SIGNED)
 class MultiEMAState(NamedTuple):
-    """State of :func:`multi_ema`: the step count and one EMA tree per decay."""
+    """State of [`multi_ema`][varjax.multi_ema.multi_ema]: the step count and one EMA tree per
+    decay."""
 
     count: jax.Array
     emas: tuple[PyTree, ...]
@@ -83,7 +85,7 @@ def multi_ema(
 
     AdEMAMix's numerator is ``multi_ema((b1, b3), (1, alpha), (True, False))``;
     chain it before a second-moment preconditioner with
-    :func:`scale_by_second_moment`.
+    [`scale_by_second_moment`][varjax.scale_by_second_moment].
 
     Args:
       decays: the decay of each EMA, in [0, 1).
@@ -91,7 +93,7 @@ def multi_ema(
       debias: whether each EMA is bias-corrected.
       mu_dtype: dtype of the EMAs; ``None`` keeps the parameters' dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.multi_ema(decays=(0.9, 0.99), weights=(1.0, 2.0), debias=(True, False))
       >>> out, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
@@ -132,7 +134,7 @@ def multi_ema(
 
 @roles.declare(count=Role.COUNT, numerator_state=Role.NESTED, nu=Role.NON_NEGATIVE)
 class SecondMomentState(NamedTuple):
-    """State of :func:`scale_by_second_moment`."""
+    """State of [`scale_by_second_moment`][varjax.scale_by_second_moment]."""
 
     count: jax.Array
     numerator_state: optax.OptState
@@ -155,8 +157,9 @@ def scale_by_second_moment(
     ``scale_by_second_moment(multi_ema((b1,), (1.0,), (True,)))`` is Adam.
 
     Args:
-      numerator: the transform whose output is divided, e.g. :func:`multi_ema`;
-        extra arguments of ``update`` are forwarded to it.
+      numerator: the transform whose output is divided, e.g.
+        [`multi_ema`][varjax.multi_ema.multi_ema]; extra arguments of ``update`` are forwarded to
+        it.
       b2: decay of the second-moment EMA of the raw gradient, in [0, 1).
       eps: added to ``sqrt(nu_hat + eps_root)``, >= 0.
       eps_root: added to ``nu_hat`` inside the square root, >= 0.
@@ -164,7 +167,7 @@ def scale_by_second_moment(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> fast_and_slow = varjax.multi_ema((0.9, 0.999), (1.0, 5.0), (True, False))
       >>> tx = optax.chain(varjax.scale_by_second_moment(fast_and_slow),
@@ -217,23 +220,22 @@ def scale_by_ademamix(
     ``m1`` (decay ``b1``), a slow EMA ``m2`` that is *not* bias-corrected (decay
     ``b3``), and Adam's second moment. Built as
     ``scale_by_second_moment(multi_ema((b1, b3), (1, alpha), (True, False)))``.
-    Equal to :func:`optax.contrib.scale_by_ademamix` for constant ``alpha`` and
+    Equal to ``optax.contrib.scale_by_ademamix`` for constant ``alpha`` and
     ``b3``.
 
-    ``alpha`` and ``b3`` may be schedules: the paper warms both up over the
-    whole run for stability, see :func:`ademamix_alpha_schedule` and
-    :func:`ademamix_beta3_schedule` (:func:`varjax.ademamix` sets them up from
-    ``alpha_warmup_steps`` and ``b3_warmup_steps``). Paper defaults:
-    ``b3=0.9999``, ``alpha`` in [4, 10] (5 for its language models, 8 for
-    vision), warm-up over the whole run.
+    ``alpha`` and ``b3`` may be schedules: the paper warms both up over the whole run for stability,
+    see [`ademamix_alpha_schedule`][varjax.ademamix_alpha_schedule] and
+    [`ademamix_beta3_schedule`][varjax.ademamix_beta3_schedule] ([`varjax.ademamix`][] sets them up
+    from ``alpha_warmup_steps`` and ``b3_warmup_steps``). Paper defaults: ``b3=0.9999``, ``alpha``
+    in [4, 10] (5 for its language models, 8 for vision), warm-up over the whole run.
 
     Args:
       b1: decay of the fast, bias-corrected EMA, in [0, 1).
       b2: decay of the second-moment EMA, in [0, 1).
       b3: decay of the slow EMA, in [0, 1), or a schedule
-        (:func:`ademamix_beta3_schedule`); the paper uses 0.9999.
+        ([`ademamix_beta3_schedule`][varjax.ademamix_beta3_schedule]); the paper uses 0.9999.
       alpha: weight of the slow EMA, >= 0, or a schedule
-        (:func:`ademamix_alpha_schedule`); the paper uses 4 to 10.
+        ([`ademamix_alpha_schedule`][varjax.ademamix_alpha_schedule]); the paper uses 4 to 10.
       eps: added to ``sqrt(nu_hat)``, >= 0.
       eps_root: added to ``nu_hat`` inside the square root, >= 0.
       mu_dtype: dtype of the two EMAs; ``None`` keeps the parameters' dtype.
@@ -241,7 +243,7 @@ def scale_by_ademamix(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_ademamix(alpha=8.0), optax.scale_by_learning_rate(1e-3))
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -268,8 +270,8 @@ def scale_by_simplified_ademamix(
     The sum is the EMA scaled by ``1 / (1 - b1)``: the same update as
     ``scale_by_second_moment(multi_ema((b1, 0), (1 / (1 - b1), alpha), (False, False)), b2)``,
     but with one momentum and one count in the state (an
-    :class:`varjax._base.AdaptiveState` without ``nu_max``), as many bytes as Optax's.
-    Equal to :func:`optax.contrib.scale_by_simplified_ademamix` (same defaults).
+    ``varjax._base.AdaptiveState`` without ``nu_max``), as many bytes as Optax's.
+    Equal to ``optax.contrib.scale_by_simplified_ademamix`` (same defaults).
     ``b1`` is a constant here; pytorch-optimizer's ``beta1_warmup`` is not offered.
     pytorch-optimizer's ``SimplifiedAdEMAMix`` differs twice: it keeps an EMA
     (``(1 - b1)`` times this sum, so its ``(lr, alpha)`` is this
@@ -289,7 +291,7 @@ def scale_by_simplified_ademamix(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_simplified_ademamix(alpha=2.0)
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -322,21 +324,21 @@ def scale_by_simplified_ademamix(
 def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
     """The paper's linear warm-up of AdEMAMix's ``alpha``: ``min(t alpha / T, alpha)``.
 
-    ``t`` is the 1-based step, as in the paper's code; the returned schedule
-    takes Optax's 0-based count and evaluates the formula at ``count + 1``.
-    Arguments come in the order of :func:`ademamix_beta3_schedule`: the final
-    value, then the number of warm-up steps.
+    ``t`` is the 1-based step, as in the paper's code; the returned schedule takes Optax's 0-based
+    count and evaluates the formula at ``count + 1``. Arguments come in the order of
+    [`ademamix_beta3_schedule`][varjax.ademamix_beta3_schedule]: the final value, then the number of
+    warm-up steps.
 
     Args:
-      alpha: the final weight of the slow EMA, reached after ``warmup_steps``;
-        >= 0 (the paper uses 4 to 10).
+      alpha: the final weight of the slow EMA, reached after
+        ``warmup_steps``; >= 0 (the paper uses 4 to 10).
       warmup_steps: ``T``, the number of steps of the warm-up, >= 1 (the paper
         uses the whole run).
 
     Returns:
-      An ``optax.Schedule`` to pass as ``alpha`` to :func:`scale_by_ademamix`.
+      An ``optax.Schedule`` to pass as ``alpha`` to [`scale_by_ademamix`][varjax.scale_by_ademamix].
 
-    Example:
+    Examples:
       >>> import varjax
       >>> alpha = varjax.ademamix_alpha_schedule(8.0, warmup_steps=100)
       >>> [round(float(alpha(count)), 4) for count in (0, 49, 99, 500)]  # t = count + 1
@@ -355,13 +357,12 @@ def ademamix_alpha_schedule(alpha: float, warmup_steps: int) -> optax.Schedule:
 def ademamix_beta3_schedule(b3: float, warmup_steps: int, *, b1: float = 0.9) -> optax.Schedule:
     """The paper's warm-up of AdEMAMix's ``b3``, linear in the EMA's half-life.
 
-    ``b3(t) = min(exp(ln(b1) ln(b3) / ((1 - t/T) ln(b3) + (t/T) ln(b1))), b3)``:
-    the half-life ``ln(1/2) / ln(b)`` moves linearly from that of ``b1`` to that
-    of ``b3`` over ``T`` steps. ``t`` is the 1-based step, as for
-    :func:`ademamix_alpha_schedule`, whose argument order this shares (the
-    final value, then the warm-up steps; the paper's code also puts the final
-    value first). The starting decay ``b1`` is keyword-only: it must be below
-    ``b3``, and a call with the two swapped raises ``ValueError``.
+    ``b3(t) = min(exp(ln(b1) ln(b3) / ((1 - t/T) ln(b3) + (t/T) ln(b1))), b3)``: the half-life
+    ``ln(1/2) / ln(b)`` moves linearly from that of ``b1`` to that of ``b3`` over ``T`` steps. ``t``
+    is the 1-based step, as for [`ademamix_alpha_schedule`][varjax.ademamix_alpha_schedule], whose
+    argument order this shares (the final value, then the warm-up steps; the paper's code also puts
+    the final value first). The starting decay ``b1`` is keyword-only: it must be below ``b3``, and
+    a call with the two swapped raises ``ValueError``.
 
     Args:
       b3: the final decay of the slow EMA, reached after ``warmup_steps``; in
@@ -369,12 +370,12 @@ def ademamix_beta3_schedule(b3: float, warmup_steps: int, *, b1: float = 0.9) ->
       warmup_steps: ``T``, the number of steps of the warm-up, >= 1 (the paper
         uses the whole run).
       b1: the decay the warm-up starts from, in (0, b3); AdEMAMix's fast-EMA
-        decay (default 0.9, as :func:`scale_by_ademamix`).
+        decay (default 0.9, as [`scale_by_ademamix`][varjax.scale_by_ademamix]).
 
     Returns:
-      An ``optax.Schedule`` to pass as ``b3`` to :func:`scale_by_ademamix`.
+      An ``optax.Schedule`` to pass as ``b3`` to [`scale_by_ademamix`][varjax.scale_by_ademamix].
 
-    Example:
+    Examples:
       >>> import varjax
       >>> b3 = varjax.ademamix_beta3_schedule(0.9999, warmup_steps=100, b1=0.9)
       >>> [round(float(b3(count)), 4) for count in (0, 9, 49, 99)]  # half-life 6.6 to 6931 steps
@@ -401,7 +402,7 @@ def ademamix_beta3_schedule(b3: float, warmup_steps: int, *, b1: float = 0.9) ->
 
 @roles.declare(count=Role.COUNT, mu=Role.SIGNED)
 class GrokfastEMAState(NamedTuple):
-    """State of :func:`grokfast_ema`: the step count and the gradient's EMA."""
+    """State of [`grokfast_ema`][varjax.grokfast_ema]: the step count and the gradient's EMA."""
 
     count: jax.Array
     mu: PyTree
@@ -423,7 +424,7 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.grokfast_ema(), optax.adamw(1e-3, weight_decay=1.0))
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -449,7 +450,8 @@ def grokfast_ema(alpha: float = 0.98, lamb: float = 2.0) -> optax.GradientTransf
 
 @roles.declare(count=Role.COUNT, window=Role.EXACT)
 class GrokfastMAState(NamedTuple):
-    """State of :func:`grokfast_ma`: the step count and the last ``window`` gradients."""
+    """State of [`grokfast_ma`][varjax.grokfast_ma]: the step count and the last ``window``
+    gradients."""
 
     count: jax.Array
     window: PyTree
@@ -478,7 +480,7 @@ def grokfast_ma(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.grokfast_ma(window=10), optax.adam(1e-3))
       >>> state = tx.init({"w": jnp.zeros(3)})

@@ -1,11 +1,11 @@
 """Noise-aware clipping and scaling: transforms that measure gradient noise and act on it.
 
-- :func:`autoclip`: clip to a percentile of the history of gradient norms;
-- :func:`scale_by_gsnr`: element-wise rates from the gradient signal-to-noise
+- [`autoclip`][varjax.autoclip]: clip to a percentile of the history of gradient norms;
+- [`scale_by_gsnr`][varjax.scale_by_gsnr]: element-wise rates from the gradient signal-to-noise
   ratio across micro-batches or devices;
-- :func:`agvm`: per-group rates from the gradient variance of each group of
+- [`agvm`][varjax.agvm]: per-group rates from the gradient variance of each group of
   parameters relative to an anchor group;
-- :func:`quantile_clipping`: the running median (or quantile) of the
+- [`quantile_clipping`][varjax.quantile_clipping]: the running median (or quantile) of the
   gradients that clipping estimates.
 """
 
@@ -52,9 +52,9 @@ __all__ = [
 
 @roles.declare(norms=Role.EXACT, count=Role.COUNT, shapes=Role.EXACT)
 class AutoClipState(NamedTuple):
-    """State of :func:`autoclip`: the last ``window`` gradient norms (a ring buffer,
+    """State of [`autoclip`][varjax.autoclip]: the last ``window`` gradient norms (a ring buffer,
     filled from index 0), how many norms have been recorded, and ``shapes``,
-    a :class:`varjax._base.ShapeWitness` (the parameters' tree and shapes as static
+    a ``varjax._base.ShapeWitness`` (the parameters' tree and shapes as static
     data: no leaves, no bytes) that the gradient tree is checked against."""
 
     norms: jax.Array
@@ -67,8 +67,9 @@ def percentile_of_history(norms: jax.Array, count: jax.Array, percentile: float)
     interpolated linearly between order statistics as ``np.percentile`` does;
     ``inf`` while nothing is recorded.
 
-    >>> float(percentile_of_history(jnp.asarray([3.0, 1.0, 2.0, 0.0]), jnp.asarray(3), 50.0))
-    2.0
+    Examples:
+      >>> float(percentile_of_history(jnp.asarray([3.0, 1.0, 2.0, 0.0]), jnp.asarray(3), 50.0))
+      2.0
     """
     window = norms.shape[0]
     n = jnp.minimum(count, window)
@@ -107,7 +108,7 @@ def autoclip(percentile: float = 10.0, window: int = 10_000) -> optax.GradientTr
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.autoclip(percentile=10.0), optax.adam(1e-3))
       >>> params = {"w": jnp.ones(3)}
@@ -146,9 +147,10 @@ def gsnr_scale(moments: Moments, min_scale: float) -> jax.Array:
     gets 1 and is left out of the layer mean; one with neither gets
     ``min_scale`` (its mean gradient is zero anyway).
 
-    >>> m = Moments(jnp.asarray([2.0, 1.0, 0.1]), jnp.asarray([1.0, 1.0, 1.0]), 4)
-    >>> [round(float(x), 4) for x in gsnr_scale(m, 0.1)]  # r = 4, 1, 0.01; mean 1.67
-    [1.0, 0.5988, 0.1]
+    Examples:
+      >>> m = Moments(jnp.asarray([2.0, 1.0, 0.1]), jnp.asarray([1.0, 1.0, 1.0]), 4)
+      >>> [round(float(x), 4) for x in gsnr_scale(m, 0.1)]  # r = 4, 1, 0.01; mean 1.67
+      [1.0, 0.5988, 0.1]
     """
     ratio = signal_to_noise(jnp.square(moments.mean), moments.variance)
     finite = jnp.isfinite(ratio)
@@ -187,7 +189,7 @@ def scale_by_gsnr(
     (``beta3 = 0.9``), whose exact form is in an appendix we could not read;
     it is not implemented, so ``r`` here is that of the current step. The
     paper does not say how a vanishing variance is treated; see
-    :func:`gsnr_scale`. Statistics are taken in float32 at least and the
+    [`gsnr_scale`][varjax.noise.gsnr_scale]. Statistics are taken in float32 at least and the
     updates keep their dtypes.
 
     Args:
@@ -202,7 +204,7 @@ def scale_by_gsnr(
       ``update`` needs ``microbatch_grads`` of shape ``(n, *gradient.shape)``
       per leaf (``ValueError`` otherwise).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_gsnr(), optax.adam(1e-3))  # VR-Adam
       >>> params = {"w": jnp.zeros(3)}
@@ -239,9 +241,9 @@ def scale_by_gsnr(
 
 @roles.declare(count=Role.COUNT, factors=Role.EXACT, inner_state=Role.NESTED, shapes=Role.EXACT)
 class AGVMState(NamedTuple):
-    """State of :func:`agvm`: the step count, the smoothed rate factor of each
+    """State of [`agvm`][varjax.agvm]: the step count, the smoothed rate factor of each
     group (a dict from label to a scalar; the anchor's stays 1), the inner
-    transform's state, and ``shapes``, a :class:`varjax._base.ShapeWitness` (the
+    transform's state, and ``shapes``, a ``varjax._base.ShapeWitness`` (the
     parameters' tree and shapes as static data: no leaves, no bytes) that the
     gradient tree is checked against."""
 
@@ -328,7 +330,7 @@ def agvm(
       ``update`` needs ``microbatch_grads`` of shape ``(n, *gradient.shape)``
       per leaf (``ValueError`` otherwise).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> params = {"backbone": jnp.zeros(4), "head": jnp.zeros(2)}
       >>> labels = {"backbone": "backbone", "head": "head"}
@@ -413,8 +415,8 @@ def agvm(
 
 @roles.declare(count=Role.COUNT, estimate=Role.EXACT)
 class QuantileClippingState(NamedTuple):
-    """State of :func:`quantile_clipping`: the step count and the running estimate
-    of the median (or quantile) of the gradients, float32 at least."""
+    """State of [`quantile_clipping`][varjax.quantile_clipping]: the step count and the running
+    estimate of the median (or quantile) of the gradients, float32 at least."""
 
     count: jax.Array
     estimate: optax.Updates
@@ -468,7 +470,7 @@ def quantile_clipping(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.quantile_clipping(1.0, scope="global"), optax.sgd(0.1))
       >>> params = {"w": jnp.zeros(2)}

@@ -7,13 +7,12 @@ transform chained after the whole update rule (after the learning rate), for
 leaves of dtype bfloat16 (and float16 where it makes sense); float32 leaves
 pass through untouched:
 
-* :func:`stochastic_rounding` rounds ``p + u`` up or down at random, with the
-  probability that makes the rounding unbiased (Gupta et al., 2015, and
-  Zamirai et al., 2020, "Revisiting BFloat16 Training", arXiv 2010.06192).
-  State: one PRNG key.
-* :func:`kahan_summation` rounds to nearest and carries the rounding error to
+* [`stochastic_rounding`][varjax.stochastic_rounding] rounds ``p + u`` up or down at random, with
+  the probability that makes the rounding unbiased (Gupta et al., 2015, and Zamirai et al., 2020,
+  "Revisiting BFloat16 Training", arXiv 2010.06192). State: one PRNG key.
+* [`kahan_summation`][varjax.kahan_summation] rounds to nearest and carries the rounding error to
   the next step in a compensation buffer (bfloat16 by default).
-* :func:`split_mantissa` keeps the low 16 mantissa bits of a float32 master
+* [`split_mantissa`][varjax.split_mantissa] keeps the low 16 mantissa bits of a float32 master
   weight as a ``uint16`` beside the bfloat16 weight: the pair *is* the float32
   weight, bit for bit, at 2 extra bytes. Given the inner optimizer it also
   hands that one the float32 master weights, so the whole trajectory equals
@@ -47,13 +46,13 @@ the weights and the compensation or mantissa state unchanged in all three.
 
 The inner optimizer
 -------------------
-An Optax optimizer initialised on bfloat16 parameters keeps bfloat16 moments
-(``optax.adam``'s ``nu`` follows the parameters' dtype) and computes in
-bfloat16. :func:`in_float32` runs any transform on float32 copies instead: its
-state is float32 (or whatever it chooses, e.g. 8-bit), it sees float32
-gradients and parameters, and its updates are float32, which is what the
-rounding transforms want. :func:`low_precision_weights` puts the two together,
-and :func:`bf16_adamw` / :func:`bf16_adamw_8bit` are the ready optimizers.
+An Optax optimizer initialised on bfloat16 parameters keeps bfloat16 moments (``optax.adam``'s
+``nu`` follows the parameters' dtype) and computes in bfloat16. [`in_float32`][varjax.in_float32]
+runs any transform on float32 copies instead: its state is float32 (or whatever it chooses, e.g.
+8-bit), it sees float32 gradients and parameters, and its updates are float32, which is what the
+rounding transforms want. [`low_precision_weights`][varjax.low_precision_weights] puts the two
+together, and [`bf16_adamw`][varjax.bf16_adamw] / [`bf16_adamw_8bit`][varjax.bf16_adamw_8bit] are
+the ready optimizers.
 """
 
 from __future__ import annotations
@@ -128,12 +127,13 @@ def landing_update(target: jax.Array, param: jax.Array) -> jax.Array:
     ``(param + u).astype(param.dtype)`` is then ``target``; see the module
     docstring for when the difference is exact.
 
-    >>> import jax.numpy as jnp
-    >>> p = jnp.asarray([1.0, 1.0, 0.0], jnp.bfloat16)
-    >>> t = jnp.asarray([1.0078125, -3.0, 2.0**-130], jnp.bfloat16)
-    >>> u = landing_update(t, p)
-    >>> u.dtype, bool(jnp.all((p + u).astype(p.dtype) == t))
-    (dtype('float32'), True)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> p = jnp.asarray([1.0, 1.0, 0.0], jnp.bfloat16)
+      >>> t = jnp.asarray([1.0078125, -3.0, 2.0**-130], jnp.bfloat16)
+      >>> u = landing_update(t, p)
+      >>> u.dtype, bool(jnp.all((p + u).astype(p.dtype) == t))
+      (dtype('float32'), True)
     """
     t32, p32 = exact_float32(target), exact_float32(param)
     return jnp.where(target == param, jnp.zeros_like(t32), t32 - p32)
@@ -176,17 +176,18 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     the float32 pattern and keep its top 16 bits (a carry rounds the magnitude
     away from zero), so the probability is exactly the low 16 bits over 2**16
     and the rounding is exactly unbiased (given uniform bits: they come from
-    :func:`random_bits`). Beyond the largest finite bfloat16 it
+    [`random_bits`][varjax.precision.random_bits]). Beyond the largest finite bfloat16 it
     rounds to it or to infinity in proportion. For float16 the probability is
     compared with a float32 uniform draw (resolution 2**-24); beyond the largest
     finite float16 (65504) it rounds to nearest. NaN and infinities pass
     through.
 
-    >>> import jax, jax.numpy as jnp
-    >>> x = jnp.full(10_000, 1.0 + 2.0**-10)  # a quarter of the way from 1 to 1 + 2**-7
-    >>> y = stochastic_round(x, jnp.bfloat16, jax.random.key(0))
-    >>> sorted(set(y.astype(float).tolist())), round(float(y.astype(float).mean()), 4)
-    ([1.0, 1.0078125], 1.001)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.full(10_000, 1.0 + 2.0**-10)  # a quarter of the way from 1 to 1 + 2**-7
+      >>> y = stochastic_round(x, jnp.bfloat16, jax.random.key(0))
+      >>> sorted(set(y.astype(float).tolist())), round(float(y.astype(float).mean()), 4)
+      ([1.0, 1.0078125], 1.001)
     """
     dtype = jnp.dtype(dtype)
     x = jnp.asarray(x, jnp.float32)
@@ -213,16 +214,17 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
 
 
 def split_float32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Split float32 ``x`` into its top 16 bits as bfloat16 (``x`` truncated towards
-    zero) and its low 16 bits as uint16; :func:`combine_float32` inverts it.
+    """Split float32 ``x`` into its top 16 bits as bfloat16 (``x`` truncated towards zero) and its
+    low 16 bits as uint16; [`combine_float32`][varjax.precision.combine_float32] inverts it.
 
     A NaN gets a quiet bfloat16 NaN as its top half (a NaN whose payload sits in
     the low bits would otherwise truncate to infinity).
 
-    >>> import jax.numpy as jnp
-    >>> hi, lo = split_float32(jnp.asarray([1.0 + 2.0**-20, -3.0]))
-    >>> hi.tolist(), lo.tolist(), combine_float32(hi, lo).tolist()
-    ([1.0, -3.0], [8, 0], [1.0000009536743164, -3.0])
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> hi, lo = split_float32(jnp.asarray([1.0 + 2.0**-20, -3.0]))
+      >>> hi.tolist(), lo.tolist(), combine_float32(hi, lo).tolist()
+      ([1.0, -3.0], [8, 0], [1.0000009536743164, -3.0])
     """
     # Bit casts between float32 and pairs of uint16 (low half first), not shifts and
     # masks: XLA:GPU (jax 0.11.2) miscompiled ``(bits & 0xFFFF).astype(uint16)`` of a
@@ -252,10 +254,11 @@ def exact_float32(x: jax.Array) -> jax.Array:
     float32's fields (its subnormals, ``fraction * 2**-24``, are exact in
     float32).
 
-    >>> import jax, jax.numpy as jnp
-    >>> y = jnp.float32(1.0 + 2.0**-10)
-    >>> float(jax.jit(lambda y: y - exact_float32(y.astype(jnp.bfloat16)))(y))
-    0.0009765625
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> y = jnp.float32(1.0 + 2.0**-10)
+      >>> float(jax.jit(lambda y: y - exact_float32(y.astype(jnp.bfloat16)))(y))
+      0.0009765625
     """
     x = jnp.asarray(x)
     if x.dtype == jnp.dtype(jnp.bfloat16):
@@ -285,8 +288,8 @@ def _sum32(param: jax.Array, update: jax.Array) -> jax.Array:
 
 @roles.declare(key=Role.EXACT)
 class StochasticRoundingState(NamedTuple):
-    """State of :func:`stochastic_rounding`: the raw data (``uint32[2]``) of a
-    threefry PRNG key, split once per step (a plain array, so Orbax stores it)."""
+    """State of [`stochastic_rounding`][varjax.stochastic_rounding]: the raw data (``uint32[2]``) of
+    a threefry PRNG key, split once per step (a plain array, so Orbax stores it)."""
 
     key: jax.Array
 
@@ -294,26 +297,24 @@ class StochasticRoundingState(NamedTuple):
 def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     """Round each low-precision weight's new value ``p + u`` stochastically: chain it last.
 
-    For every bfloat16 or float16 leaf, the update becomes
-    ``landing_update(stochastic_round(p + u), p)`` (float32), so that
-    ``optax.apply_updates(p, u')`` equals ``p + u`` (computed in float32)
-    rounded up or down at random, with expectation ``p + u``: an update far
-    below half an ulp still moves the weight, in expectation by exactly ``u``,
-    where round-to-nearest would freeze it. float32 (and wider) leaves pass
-    through unchanged. The key lives in the state (``seed`` starts it); each
-    step splits it and folds in the leaf's index, so a run is reproducible from
-    the seed and gives the same bits under ``jit`` and without. The random bits
-    (:func:`random_bits`) depend on each element's global index, not on the
-    leaf's sharding. The state is 8 bytes.
+    For every bfloat16 or float16 leaf, the update becomes ``landing_update(stochastic_round(p + u),
+    p)`` (float32), so that ``optax.apply_updates(p, u')`` equals ``p + u`` (computed in float32)
+    rounded up or down at random, with expectation ``p + u``: an update far below half an ulp still
+    moves the weight, in expectation by exactly ``u``, where round-to-nearest would freeze it.
+    float32 (and wider) leaves pass through unchanged. The key lives in the state (``seed`` starts
+    it); each step splits it and folds in the leaf's index, so a run is reproducible from the seed
+    and gives the same bits under ``jit`` and without. The random bits
+    ([`random_bits`][varjax.precision.random_bits]) depend on each element's global index, not on
+    the leaf's sharding. The state is 8 bytes.
 
     Put the whole update rule, learning rate included, before it, and give that
-    one float32 state with :func:`in_float32` (or use
-    :func:`low_precision_weights`).
+    one float32 state with [`in_float32`][varjax.in_float32] (or use
+    [`low_precision_weights`][varjax.low_precision_weights]).
 
     Args:
       seed: the integer seed of the rounding key.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from varjax.precision import in_float32, stochastic_rounding
       >>> tx = optax.chain(in_float32(optax.adamw(1e-3)), stochastic_rounding(seed=0))
@@ -363,8 +364,8 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
 # the compensation is the rounding error itself: quantized, it would be noise
 @roles.declare(compensation=Role.EXACT)
 class KahanSummationState(NamedTuple):
-    """State of :func:`kahan_summation`: per low-precision leaf, the rounding error
-    not yet applied (``optax.MaskedNode()`` for the other leaves)."""
+    """State of [`kahan_summation`][varjax.kahan_summation]: per low-precision leaf, the rounding
+    error not yet applied (``optax.MaskedNode()`` for the other leaves)."""
 
     compensation: PyTree
 
@@ -394,7 +395,7 @@ def kahan_summation(compensation_dtype: Any = None) -> optax.GradientTransformat
         2 bytes a parameter). For float16 weights, whose small residuals fall
         into float16's subnormals, float32 is the better choice.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from varjax.precision import kahan_summation
       >>> tx = kahan_summation()
@@ -454,7 +455,7 @@ def kahan_summation(compensation_dtype: Any = None) -> optax.GradientTransformat
 # the low bits are part of the weights (a copy of the parameters, with the bf16 leaf)
 @roles.declare(low_bits=Role.PARAMETERS, inner_state=Role.NESTED)
 class SplitMantissaState(NamedTuple):
-    """State of :func:`split_mantissa`: per bfloat16 leaf the low 16 bits of its
+    """State of [`split_mantissa`][varjax.split_mantissa]: per bfloat16 leaf the low 16 bits of its
     float32 master weight (``uint16``; ``optax.MaskedNode()`` for the other
     leaves), and the inner optimizer's state (``optax.EmptyState()`` without one)."""
 
@@ -480,19 +481,17 @@ def split_mantissa(
     """Keep the low 16 mantissa bits of float32 master weights beside the bfloat16
     weights: the two together are the float32 weights, bit for bit.
 
-    A float32 ``w`` is its top 16 bits (a bfloat16: ``w`` *truncated* towards
-    zero) and its low 16 bits. The parameters hold the top half and the state a
-    ``uint16`` with the low half, 2 bytes a parameter. Each step, per bfloat16
-    leaf: ``w = combine(p, low_bits)``; ``w' = w + u`` in float32, exactly what
-    ``optax.apply_updates`` does to a float32 weight; ``p', low_bits' =
+    A float32 ``w`` is its top 16 bits (a bfloat16: ``w`` *truncated* towards zero) and its low 16
+    bits. The parameters hold the top half and the state a ``uint16`` with the low half, 2 bytes a
+    parameter. Each step, per bfloat16 leaf: ``w = combine(p, low_bits)``; ``w' = w + u`` in
+    float32, exactly what ``optax.apply_updates`` does to a float32 weight; ``p', low_bits' =
     split(w')``, and the update is ``landing_update(p', p)`` (float32), so that
-    ``optax.apply_updates`` lands on ``p'``. The forward pass therefore sees the
-    master weight truncated to bfloat16, not rounded to nearest (up to one
-    bfloat16 ulp below it in magnitude, half an ulp on average): the trade-off
-    of BF16FusedAdamW's 16+16 split, which saves the master copy's other 2
-    bytes. float32 leaves pass through unchanged; float16 leaves raise
-    ``ValueError`` (float16 is not the top half of a float32: use
-    :func:`kahan_summation` or :func:`stochastic_rounding`).
+    ``optax.apply_updates`` lands on ``p'``. The forward pass therefore sees the master weight
+    truncated to bfloat16, not rounded to nearest (up to one bfloat16 ulp below it in magnitude,
+    half an ulp on average): the trade-off of BF16FusedAdamW's 16+16 split, which saves the master
+    copy's other 2 bytes. float32 leaves pass through unchanged; float16 leaves raise ``ValueError``
+    (float16 is not the top half of a float32: use [`kahan_summation`][varjax.kahan_summation] or
+    [`stochastic_rounding`][varjax.stochastic_rounding]).
 
     With ``inner`` (any transform, the whole update rule with its learning
     rate), ``split_mantissa(inner)`` runs it on the float32 master weights: its
@@ -506,7 +505,7 @@ def split_mantissa(
     0.2% of the weights of a 33 x 17 leaf one float32 ulp apart after two Adam
     steps; with float32 gradients none over 200 steps). Without ``inner``,
     chain it last after an update rule (best in float32 via
-    :func:`in_float32`): a rule that reads the parameters
+    [`in_float32`][varjax.in_float32]): a rule that reads the parameters
     (decoupled weight decay, AdamP's projection) then reads the truncated
     bfloat16 weights, off by less than one bfloat16 ulp (2**-7 relative), so
     the weight-decay term of each step is off by less than ``2**-7`` of itself.
@@ -515,7 +514,7 @@ def split_mantissa(
       inner: the update rule to run on the float32 master weights, or ``None``
         for the transform to chain last.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from varjax.precision import combine_float32, split_mantissa
       >>> tx = split_mantissa(optax.sgd(1e-3))
@@ -582,20 +581,18 @@ def split_mantissa(
 def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Run ``tx`` in float32 on low-precision parameters.
 
-    Its state is initialised from float32 copies of the bfloat16 and float16
-    parameters (so Adam's moments are float32, or 8-bit in a quantized
-    optimizer, instead of following the weights into bfloat16); each update
-    hands it the gradients and the parameters of those leaves in float32, and
-    its updates come out in float32, ready for :func:`stochastic_rounding` or
-    :func:`kahan_summation` chained after it, or for ``optax.apply_updates``,
-    which then rounds ``p + u`` to nearest once (a bfloat16 update added in
-    bfloat16 would round twice). Other leaves pass unchanged. Extra arguments
-    are forwarded.
+    Its state is initialised from float32 copies of the bfloat16 and float16 parameters (so Adam's
+    moments are float32, or 8-bit in a quantized optimizer, instead of following the weights into
+    bfloat16); each update hands it the gradients and the parameters of those leaves in float32, and
+    its updates come out in float32, ready for [`stochastic_rounding`][varjax.stochastic_rounding]
+    or [`kahan_summation`][varjax.kahan_summation] chained after it, or for ``optax.apply_updates``,
+    which then rounds ``p + u`` to nearest once (a bfloat16 update added in bfloat16 would round
+    twice). Other leaves pass unchanged. Extra arguments are forwarded.
 
     Args:
       tx: the transform to run in float32.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from varjax.precision import in_float32
       >>> state = in_float32(optax.adam(1e-3)).init({"w": jnp.zeros(3, jnp.bfloat16)})
@@ -650,7 +647,7 @@ def low_precision_weights(
       seed: the seed of the stochastic rounding key.
       compensation_dtype: the Kahan compensation's dtype (``None``: the weights').
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from varjax.precision import low_precision_weights
       >>> tx = low_precision_weights(optax.adam(1e-3), "kahan")
@@ -685,7 +682,7 @@ def bf16_adamw(
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """``optax.adamw`` for bfloat16 weights: float32 moments, and the new weights
-    rounded by ``rounding`` (see :func:`low_precision_weights`; default
+    rounded by ``rounding`` (see [`low_precision_weights`][varjax.low_precision_weights]; default
     stochastic rounding). Weights and state: 2 + 8 bytes a parameter (12 with
     ``"kahan"`` or ``"split"``), against 12 for AdamW on float32 weights.
 
@@ -696,11 +693,11 @@ def bf16_adamw(
       eps: added to the root of the second moment, >= 0.
       weight_decay: decoupled weight decay (AdamW's), >= 0, float or schedule.
       mask: which leaves take weight decay, as in ``optax.adamw``.
-      rounding: how the new bfloat16 weights are rounded: ``"stochastic"``,
-        ``"kahan"``, ``"split"`` or ``"nearest"`` (:func:`low_precision_weights`).
+      rounding: how the new bfloat16 weights are rounded: ``"stochastic"``, ``"kahan"``, ``"split"``
+        or ``"nearest"`` ([`low_precision_weights`][varjax.low_precision_weights]).
       seed: the seed of the stochastic rounding key.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.bf16_adamw(1e-3, weight_decay=0.1)
       >>> state = tx.init({"w": jnp.zeros((128, 64), jnp.bfloat16)})
@@ -724,12 +721,11 @@ def bf16_adamw_8bit(
     block_size: int | None = None,
     min_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """``varjax.adamw_8bit`` for bfloat16 weights: about 4 bytes a parameter of
-    weights and state (2 for the weights, 2 for the 8-bit moments, plus block
-    scales), against 12 for AdamW on float32 weights; ``"kahan"`` and
-    ``"split"`` add 2. The new weights are rounded by ``rounding`` (see
-    :func:`low_precision_weights`; default stochastic rounding). Leaves under
-    ``min_size`` elements keep float32 moments.
+    """``varjax.adamw_8bit`` for bfloat16 weights: about 4 bytes a parameter of weights and state (2
+    for the weights, 2 for the 8-bit moments, plus block scales), against 12 for AdamW on float32
+    weights; ``"kahan"`` and ``"split"`` add 2. The new weights are rounded by ``rounding`` (see
+    [`low_precision_weights`][varjax.low_precision_weights]; default stochastic rounding). Leaves
+    under ``min_size`` elements keep float32 moments.
 
     Args:
       learning_rate: the learning rate, a float or an ``optax.Schedule``.
@@ -738,14 +734,14 @@ def bf16_adamw_8bit(
       eps: added to the root of the second moment, >= 0.
       weight_decay: decoupled weight decay (AdamW's), >= 0, float or schedule.
       mask: which leaves take weight decay, as in ``optax.adamw``.
-      rounding: how the new bfloat16 weights are rounded: ``"stochastic"``,
-        ``"kahan"``, ``"split"`` or ``"nearest"`` (:func:`low_precision_weights`).
+      rounding: how the new bfloat16 weights are rounded: ``"stochastic"``, ``"kahan"``, ``"split"``
+        or ``"nearest"`` ([`low_precision_weights`][varjax.low_precision_weights]).
       seed: the seed of the stochastic rounding key.
       block_size: entries per quantization block along the last axis; ``None``:
         256.
       min_size: leaves with fewer elements keep float32 moments; ``None``: 4096.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.bf16_adamw_8bit(1e-3)
       >>> state = tx.init({"w": jnp.zeros((64, 1024), jnp.bfloat16)})

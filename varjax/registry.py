@@ -7,13 +7,14 @@ learning rates and ``--help``) and the checks of the docs pages and the README
 table all read this list. Adding a method is its transform plus one entry here
 (see CONTRIBUTING.md).
 
->>> entry = ENTRIES["mars_lion"]
->>> entry.kind, entry.page, entry.rate_multiplier
-('optimizer', 'variance_reduction.md', 0.3333333333333333)
->>> entry.factory is __import__("varjax").mars_lion
-True
->>> [case.name for case in ENTRIES["radam"].battery]
-['radam', 'radam_amsgrad']
+Examples:
+  >>> entry = ENTRIES["mars_lion"]
+  >>> entry.kind, entry.page, entry.rate_multiplier
+  ('optimizer', 'variance_reduction.md', 0.3333333333333333)
+  >>> entry.factory is __import__("varjax").mars_lion
+  True
+  >>> [case.name for case in ENTRIES["radam"].battery]
+  ['radam', 'radam_amsgrad']
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Entry:
     Attributes:
       name: the public name, ``varjax.<name>``.
       module: the module defining it, under ``varjax``.
-      kind: one of :data:`KINDS`.
+      kind: one of ``KINDS``.
       family: its family, as the README's methods table names it.
       page: the docs page (under ``docs/``) that documents it with ``::: varjax.<name>``.
       rate_multiplier: the comparison job's default learning rate is the task's AdamW
@@ -659,7 +660,8 @@ ENTRIES: dict[str, Entry] = {entry.name: entry for entry in REGISTRY}
 def names(kind: str | None = None) -> tuple[str, ...]:
     """The entries' names, in registry order; only those of ``kind`` if given.
 
-    >>> names("schedule")
-    ('ademamix_alpha_schedule', 'ademamix_beta3_schedule')
+    Examples:
+      >>> names("schedule")
+      ('ademamix_alpha_schedule', 'ademamix_beta3_schedule')
     """
     return tuple(entry.name for entry in REGISTRY if kind is None or entry.kind == kind)

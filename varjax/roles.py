@@ -1,6 +1,6 @@
 """What each piece of optimizer state is: its *role*, declared once per state type.
 
-A wrapper that changes how state is stored (:func:`varjax.quantize_state` keeps
+A wrapper that changes how state is stored ([`varjax.quantize_state`][] keeps
 moments in 8 or 4 bits) must know what every leaf holds: a signed moment can
 take a signed quantization map, a non-negative one the unsigned map, while a
 copy of the parameters, a step count or a history of gradient norms must stay
@@ -14,13 +14,12 @@ declares the role of each of its fields, where it is defined::
         mu: optax.Updates
         nu: optax.Updates
 
-Optax's state types are declared in one table, :mod:`varjax.quantization.optax_roles`.
-A field whose value is another transform's state (a wrapper's ``inner_state``)
-has the role :attr:`Role.NESTED`, and the walk goes on inside it; plain tuples,
-lists and dicts (``optax.chain``'s state, ``optax.partition``'s states) are
-walked through too.
+Optax's state types are declared in one table, [`varjax.quantization.optax_roles`][]. A field whose
+value is another transform's state (a wrapper's ``inner_state``) has the role
+[`Role.NESTED`][varjax.roles.Role.NESTED], and the walk goes on inside it; plain tuples, lists and
+dicts (``optax.chain``'s state, ``optax.partition``'s states) are walked through too.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp, optax
   >>> from varjax.roles import Role, leaf_roles
   >>> state = optax.adam(1e-3).init({"w": jnp.zeros(3)})
@@ -56,7 +55,7 @@ T = TypeVar("T", bound=type)
 class Role(enum.Enum):
     """The role of a field of optimizer state.
 
-    Example:
+    Examples:
       >>> Role("non_negative")
       <Role.NON_NEGATIVE: 'non_negative'>
     """
@@ -96,18 +95,18 @@ def register_roles(cls: type, **field_roles: Role) -> None:
     """Declare the role of every field of the state type ``cls``.
 
     Use it for a state type you do not define yourself; for your own, the
-    decorator :func:`declare` says the same where the type is defined.
+    decorator [`declare`][varjax.roles.declare] says the same where the type is defined.
 
     Args:
       cls: a state type, a ``NamedTuple`` or a dataclass registered as a pytree.
-      field_roles: one :class:`Role` per field of ``cls``, every field named,
+      field_roles: one [`Role`][varjax.roles.Role] per field of ``cls``, every field named,
         as keyword arguments.
 
     Raises:
       ValueError: when a field of ``cls`` has no role, a name is not a field of
-        ``cls``, or a value is not a :class:`Role`.
+        ``cls``, or a value is not a [`Role`][varjax.roles.Role].
 
-    Example:
+    Examples:
       >>> from typing import NamedTuple
       >>> class TraceWithCount(NamedTuple):
       ...     count: jax.Array
@@ -131,13 +130,14 @@ def register_roles(cls: type, **field_roles: Role) -> None:
 
 
 def declare(**field_roles: Role) -> Callable[[T], T]:
-    """Class decorator: :func:`register_roles` for the state type it decorates.
+    """Class decorator: [`register_roles`][varjax.roles.register_roles] for the state type it
+    decorates.
 
     Args:
-      field_roles: one :class:`Role` per field of the decorated type, as
+      field_roles: one [`Role`][varjax.roles.Role] per field of the decorated type, as
         keyword arguments.
 
-    Example:
+    Examples:
       >>> from typing import NamedTuple
       >>> @declare(count=Role.COUNT, mu=Role.SIGNED)
       ... class MomentumState(NamedTuple):
@@ -254,11 +254,11 @@ def resolve_override(override: RoleOverride) -> Callable[[KeyPath, Role | None],
 
     Args:
       override: ``None`` (keep the declared roles), a function, or a mapping
-        from regular expressions to :class:`Role` values.
+        from regular expressions to [`Role`][varjax.roles.Role] values.
 
     Raises:
       ValueError: when a mapping's key is not a valid regular expression or a
-        value is not a :class:`Role`.
+        value is not a [`Role`][varjax.roles.Role].
     """
     if override is None:
         return _PatternOverride(())

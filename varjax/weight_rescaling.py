@@ -3,12 +3,12 @@
 From Owen, Kumar, Roy Chowdhury and Güra (2025), "Variance Control via Weight
 Rescaling in LLM Pre-training" (arXiv 2503.17500):
 
-* :func:`layer_index_rescaling` - Layer Index Rescaling (LIR), an initializer
-  whose standard deviation shrinks with the depth of the decoder block,
-  ``base_std / sqrt(layer_index * scale_factor)`` (:func:`lir_std`).
-* :func:`target_variance_rescaling` - Target Variance Rescaling (TVR), a
-  transform to chain last that, every few steps, rescales each weight matrix
-  whose standard deviation has grown past a threshold back to a target.
+* [`layer_index_rescaling`][varjax.layer_index_rescaling] - Layer Index Rescaling (LIR), an
+  initializer whose standard deviation shrinks with the depth of the decoder block, ``base_std /
+  sqrt(layer_index * scale_factor)`` ([`lir_std`][varjax.weight_rescaling.lir_std]).
+* [`target_variance_rescaling`][varjax.target_variance_rescaling] - Target Variance Rescaling (TVR),
+  a transform to chain last that, every few steps, rescales each weight matrix whose standard
+  deviation has grown past a threshold back to a target.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def lir_std(layer_index: int, base_std: float = 0.02, scale_factor: float = 1.0)
     """The standard deviation LIR gives decoder block ``layer_index`` (counted from 1):
     ``base_std / sqrt(layer_index * scale_factor)``.
 
-    >>> lir_std(4, base_std=0.006)
-    0.003
+    Examples:
+      >>> lir_std(4, base_std=0.006)
+      0.003
     """
     layer_index = check_integer("layer_index", layer_index, 1)
     check_interval("base_std", base_std, 0.0, low_closed=False)
@@ -61,9 +62,9 @@ def lir_std(layer_index: int, base_std: float = 0.02, scale_factor: float = 1.0)
 def layer_index_rescaling(
     layer_index: int, base_std: float = 0.02, scale_factor: float = 1.0
 ) -> jax.nn.initializers.Initializer:
-    """Layer Index Rescaling (Owen et al., 2025, "Variance Control via Weight
-    Rescaling in LLM Pre-training"): a zero-mean normal initializer for the weights
-    of decoder block ``layer_index``, with standard deviation :func:`lir_std`.
+    """Layer Index Rescaling (Owen et al., 2025, "Variance Control via Weight Rescaling in LLM
+    Pre-training"): a zero-mean normal initializer for the weights of decoder block ``layer_index``,
+    with standard deviation [`lir_std`][varjax.weight_rescaling.lir_std].
 
     In the paper's code every linear layer of block ``l`` (query, key, value and
     output projections, and the MLP's gate, up and down projections) is drawn
@@ -79,7 +80,7 @@ def layer_index_rescaling(
       base_std: the standard deviation of block 1, > 0.
       scale_factor: multiplies ``layer_index`` under the square root, > 0.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from flax import nnx
       >>> from varjax.weight_rescaling import layer_index_rescaling
@@ -101,7 +102,8 @@ def layer_index_rescaling(
 
 @roles.declare(count=Role.COUNT)
 class TargetVarianceRescalingState(NamedTuple):
-    """State of :func:`target_variance_rescaling`: the number of updates made so far."""
+    """State of [`target_variance_rescaling`][varjax.target_variance_rescaling]: the number of
+    updates made so far."""
 
     count: jax.Array
 
@@ -168,15 +170,13 @@ def target_variance_rescaling(
     bit-identically. A leaf whose statistics are not finite, or whose standard
     deviation is zero, is left alone.
 
-    The defaults are the official code's (``target_std=0.02``,
-    ``step_interval=50``, ``ratio_threshold=1.2``); the paper's headline run
-    initialises with 0.006 and LIR (:func:`layer_index_rescaling`) and rescales
-    to ``target_std=0.01``. By default the leaves with ``ndim >= 2`` are
-    rescaled (the linear layers' weights, and embeddings if they are
-    parameters: mask them out to follow the paper, which rescales the decoder
-    blocks' linear layers). ``mask``, a tree of bools or a callable from the
-    params to one (a prefix of the params' tree, as in ``optax.masked``),
-    replaces that choice.
+    The defaults are the official code's (``target_std=0.02``, ``step_interval=50``,
+    ``ratio_threshold=1.2``); the paper's headline run initialises with 0.006 and LIR
+    ([`layer_index_rescaling`][varjax.layer_index_rescaling]) and rescales to ``target_std=0.01``.
+    By default the leaves with ``ndim >= 2`` are rescaled (the linear layers' weights, and
+    embeddings if they are parameters: mask them out to follow the paper, which rescales the decoder
+    blocks' linear layers). ``mask``, a tree of bools or a callable from the params to one (a prefix
+    of the params' tree, as in ``optax.masked``), replaces that choice.
 
     Differences from the official code (a PyTorch Lightning callback run after
     ``optimizer.step()``): here it is the last transform of the chain, with the
@@ -195,7 +195,7 @@ def target_variance_rescaling(
       ratio_threshold: rescale a leaf when ``std / target_std`` exceeds it, >= 1.
       mask: which leaves may be rescaled; ``None`` selects those with ``ndim >= 2``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from varjax.weight_rescaling import target_variance_rescaling
       >>> tx = optax.chain(optax.sgd(1.0), target_variance_rescaling(0.02, every=1))

@@ -9,20 +9,21 @@ learning-rate grid per optimizer and adds ``sensitivity.png``.
 
 The comparison needs Flax (its models) and Matplotlib (its plots), which the
 optimizers do not: they come with ``pip install 'varjax[compare]'``. This
-package imports without them; :func:`main` says in one line what is missing.
+package imports without them; ``main`` says in one line what is missing.
 
-Modules: :mod:`~varjax.compare.spec` (parse and build optimizer
-specifications), :mod:`~varjax.compare.tasks` (models and data),
-:mod:`~varjax.compare.train` (the jitted, scanned training loop),
-:mod:`~varjax.compare.tune` (the learning-rate grid),
-:mod:`~varjax.compare.report` (table, files, plots, progress bar) and
-:mod:`~varjax.compare.cli` (the command line).
+Modules: ``spec`` (parse and build optimizer
+specifications), ``tasks`` (models and data),
+``train`` (the jitted, scanned training loop),
+``tune`` (the learning-rate grid),
+``report`` (table, files, plots, progress bar) and
+``cli`` (the command line).
 
->>> from varjax.compare import parse_specs
->>> [spec.name for spec in parse_specs("adamw,radam")]
-['optax.adamw', 'varjax.radam']
->>> missing_dependencies()
-[]
+Examples:
+  >>> from varjax.compare import parse_specs
+  >>> [spec.name for spec in parse_specs("adamw,radam")]
+  ['optax.adamw', 'varjax.radam']
+  >>> missing_dependencies()
+  []
 """
 
 from __future__ import annotations

@@ -4,14 +4,15 @@ Errors found before training (an unknown optimizer, a bad hyper-parameter or
 option, an unwritable output folder) print one line on standard error and exit
 with status 2.
 
->>> parse_seeds("0,1,2")
-[0, 1, 2]
->>> args = parse_args(["--task", "regression", "--steps", "100"])
->>> args.task, args.steps, args.batch_size, args.eval_every
-('regression', 100, 64, 5)
->>> args = parse_args(["--preset", "gpu", "--tune"])
->>> args.task, args.size, args.steps, args.batch_size, args.learning_rate, args.tune_steps
-('charlm', 'gpu', 1000, 32, 0.0005, 1000)
+Examples:
+  >>> parse_seeds("0,1,2")
+  [0, 1, 2]
+  >>> args = parse_args(["--task", "regression", "--steps", "100"])
+  >>> args.task, args.steps, args.batch_size, args.eval_every
+  ('regression', 100, 64, 5)
+  >>> args = parse_args(["--preset", "gpu", "--tune"])
+  >>> args.task, args.size, args.steps, args.batch_size, args.learning_rate, args.tune_steps
+  ('charlm', 'gpu', 1000, 32, 0.0005, 1000)
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one-line :class:`UsageError`\\ s."""
+    """An argument parser whose errors are one-line ``UsageError``\\ s."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
@@ -286,17 +287,18 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def default_eval_every(steps: int) -> int:
-    """About :data:`EVALUATIONS` evaluations per run.
+    """About ``EVALUATIONS`` evaluations per run.
 
-    >>> default_eval_every(600), default_eval_every(100), default_eval_every(10)
-    (30, 5, 1)
+    Examples:
+      >>> default_eval_every(600), default_eval_every(100), default_eval_every(10)
+      (30, 5, 1)
     """
     return max(1, round(steps / EVALUATIONS))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and check the options; fill the task's (or preset's) defaults. Raises
-    :class:`UsageError`."""
+    ``UsageError``."""
     args = build_parser().parse_args(argv)
     args.size = None
     if args.preset is not None:

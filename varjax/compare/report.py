@@ -1,18 +1,19 @@
 """Reporting for ``python -m varjax compare``: summary rows, table, CSV, JSON, plot, progress.
 
->>> from varjax.compare.train import Curve, OptimizerRun
->>> def run(valid, ms):
-...     curve = Curve(0, [0, 10, 20], [4.0, 3.0, 2.0], valid)
-...     return OptimizerRun([curve], ms, 1.0, 800, 100)
->>> rows = summarize({"adamw": run([4.0, 3.0, 2.5], 2.0), "fast": run([4.0, 2.4, 2.0], 3.0)},
-...                  baseline="adamw")
->>> [(row.optimizer, row.steps_to_baseline) for row in rows]
-[('adamw', 20), ('fast', 10)]
->>> print(format_table(rows))  # doctest: +NORMALIZE_WHITESPACE
-optimizer         lr  train loss, last 10 steps  valid loss  steps to adamw  ms/step  state B/param
-adamw (baseline)  -   2.0000                     2.5000      20              2.00     8.00
-fast              -   2.0000                     2.0000      10              3.00     8.00
-"""
+Examples:
+  >>> from varjax.compare.train import Curve, OptimizerRun
+  >>> def run(valid, ms):
+  ...     curve = Curve(0, [0, 10, 20], [4.0, 3.0, 2.0], valid)
+  ...     return OptimizerRun([curve], ms, 1.0, 800, 100)
+  >>> rows = summarize({"adamw": run([4.0, 3.0, 2.5], 2.0), "fast": run([4.0, 2.4, 2.0], 3.0)},
+  ...                  baseline="adamw")
+  >>> [(row.optimizer, row.steps_to_baseline) for row in rows]
+  [('adamw', 20), ('fast', 10)]
+  >>> print(format_table(rows))  # doctest: +NORMALIZE_WHITESPACE
+  optimizer         lr  train loss, last 10 steps  valid loss  steps to adamw  ms/step  state B/param
+  adamw (baseline)  -   2.0000                     2.5000      20              2.00     8.00
+  fast              -   2.0000                     2.0000      10              3.00     8.00
+"""  # noqa: E501 (a doctest's table, not wrapped)
 
 from __future__ import annotations
 
@@ -164,11 +165,12 @@ def format_sensitivity(tunings: Mapping[str, Tuning | None]) -> str:
     """Final validation loss (mean over seeds) at each rate of each optimizer's grid, by
     the rate's factor from the optimizer's default; the best is marked ``*``.
 
-    >>> from varjax.compare.tune import GridPoint
-    >>> grid = [GridPoint(1e-3, 2.5, [2.5], 2.4), GridPoint(3e-3, 2.1, [2.1], 2.0)]
-    >>> print(format_sensitivity({"adamw": Tuning(1e-3, grid, 3e-3, 100, 4.8)}))
-    optimizer  default lr  x1      x3
-    adamw      0.001       2.5000  2.1000*
+    Examples:
+      >>> from varjax.compare.tune import GridPoint
+      >>> grid = [GridPoint(1e-3, 2.5, [2.5], 2.4), GridPoint(3e-3, 2.1, [2.1], 2.0)]
+      >>> print(format_sensitivity({"adamw": Tuning(1e-3, grid, 3e-3, 100, 4.8)}))
+      optimizer  default lr  x1      x3
+      adamw      0.001       2.5000  2.1000*
     """
     tuned = {name: t for name, t in tunings.items() if t is not None}
     if not tuned:
@@ -333,14 +335,15 @@ class ProgressBar:
     On a terminal the line is rewritten in place; otherwise (a log file, a pipe)
     only each optimizer's final line is written.
 
-    >>> import io
-    >>> bar = ProgressBar(total=4, stream=io.StringIO(), width=8)
-    >>> bar.update(2, "adamw seed 0", "valid 2.5000")
-    >>> bar.stream.getvalue()
-    ''
-    >>> bar.update(4, "adamw seed 0", "valid 2.0000", final=True)
-    >>> bar.stream.getvalue()
-    '[########] 100% adamw seed 0 valid 2.0000 (0s)\\n'
+    Examples:
+      >>> import io
+      >>> bar = ProgressBar(total=4, stream=io.StringIO(), width=8)
+      >>> bar.update(2, "adamw seed 0", "valid 2.5000")
+      >>> bar.stream.getvalue()
+      ''
+      >>> bar.update(4, "adamw seed 0", "valid 2.0000", final=True)
+      >>> bar.stream.getvalue()
+      '[########] 100% adamw seed 0 valid 2.0000 (0s)\\n'
     """
 
     def __init__(self, total: int, stream: TextIO | None = None, width: int = 30) -> None:

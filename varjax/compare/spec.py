@@ -8,11 +8,12 @@ Values are Python literals (``3e-3``, ``10``, ``True``, ``None``, ``(0.9, 0.99)`
 lower-case ``true``/``false``/``none``, or bare words, which are strings
 (``norm_scope=global``).
 
->>> specs = parse_specs("radam,optax.adamw:learning_rate=1e-3,weight_decay=0.1")
->>> [spec.label for spec in specs]
-['varjax.radam', 'optax.adamw:learning_rate=0.001,weight_decay=0.1']
->>> default_learning_rate("varjax.lion_8bit", 3e-3)
-0.001
+Examples:
+  >>> specs = parse_specs("radam,optax.adamw:learning_rate=1e-3,weight_decay=0.1")
+  >>> [spec.label for spec in specs]
+  ['varjax.radam', 'optax.adamw:learning_rate=0.001,weight_decay=0.1']
+  >>> default_learning_rate("varjax.lion_8bit", 3e-3)
+  0.001
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ class SpecError(ValueError):
 class OptimizerSpec:
     """A resolved optimizer name and the hyper-parameters given for it.
 
-    >>> OptimizerSpec("varjax.qhm", {"nu": 0.5, "weight_decay": 0}).label
-    'varjax.qhm:nu=0.5,weight_decay=0'
+    Examples:
+      >>> OptimizerSpec("varjax.qhm", {"nu": 0.5, "weight_decay": 0}).label
+      'varjax.qhm:nu=0.5,weight_decay=0'
     """
 
     name: str
@@ -119,12 +121,13 @@ def _show(value: Any) -> str:
 def parse_value(text: str) -> Any:
     """A hyper-parameter value: a Python literal, ``true``/``false``/``none``, or a word.
 
-    >>> [parse_value(t) for t in ["3e-3", "10", "True", "false", "None", "(0.9, 0.99)", "global"]]
-    [0.003, 10, True, False, None, (0.9, 0.99), 'global']
-    >>> parse_value("1e-3x")
-    Traceback (most recent call last):
-    ...
-    varjax.compare.spec.SpecError: cannot parse the value '1e-3x' (want a number, ...)
+    Examples:
+      >>> [parse_value(t) for t in ["3e-3", "10", "True", "false", "None", "(0.9, 0.99)", "global"]]
+      [0.003, 10, True, False, None, (0.9, 0.99), 'global']
+      >>> parse_value("1e-3x")
+      Traceback (most recent call last):
+      ...
+      varjax.compare.spec.SpecError: cannot parse the value '1e-3x' (want a number, ...)
     """
     text = text.strip()
     lowered = {"true": True, "false": False, "none": None}
@@ -192,18 +195,19 @@ def _parse_kwargs(name: str, assignments: list[str]) -> dict[str, Any]:
 def parse_specs(text: str) -> list[OptimizerSpec]:
     """Parse and resolve a comma-separated list of specifications (see the module doc).
 
-    Names are resolved (unknown ones raise :class:`SpecError` with close matches);
-    hyper-parameters are only parsed here, :func:`build_optimizer` checks them.
+    Names are resolved (unknown ones raise ``SpecError`` with close matches);
+    hyper-parameters are only parsed here, ``build_optimizer`` checks them.
 
-    >>> for spec in parse_specs("mars_adamw:gamma=0.05,exact=false,adamw_8bit"):
-    ...     print(spec.name, spec.kwargs)
-    varjax.mars_adamw {'gamma': 0.05, 'exact': False}
-    varjax.adamw_8bit {}
-    >>> try:
-    ...     parse_specs("adamw8bit")
-    ... except SpecError as error:
-    ...     print(error)
-    unknown optimizer 'adamw8bit'; close matches: varjax.adamw_8bit, ...
+    Examples:
+      >>> for spec in parse_specs("mars_adamw:gamma=0.05,exact=false,adamw_8bit"):
+      ...     print(spec.name, spec.kwargs)
+      varjax.mars_adamw {'gamma': 0.05, 'exact': False}
+      varjax.adamw_8bit {}
+      >>> try:
+      ...     parse_specs("adamw8bit")
+      ... except SpecError as error:
+      ...     print(error)
+      unknown optimizer 'adamw8bit'; close matches: varjax.adamw_8bit, ...
     """
     specs = []
     for name, assignments in _split(text):
@@ -244,10 +248,11 @@ def known_optimizers() -> tuple[str, ...]:
     """Qualified names of the ready optimizers: varjax's registry entries of kind
     ``optimizer`` that take a ``learning_rate``, and those of optax and optax.contrib.
 
-    >>> "varjax.mars_adamw" in known_optimizers(), "optax.adamw" in known_optimizers()
-    (True, True)
-    >>> "varjax.storm" in known_optimizers()  # its step size is k
-    False
+    Examples:
+      >>> "varjax.mars_adamw" in known_optimizers(), "optax.adamw" in known_optimizers()
+      (True, True)
+      >>> "varjax.storm" in known_optimizers()  # its step size is k
+      False
     """
     names = [
         f"varjax.{entry.name}"
@@ -274,8 +279,9 @@ def _close_matches(name: str) -> list[str]:
 def resolve(name: str) -> tuple[str, Callable[..., optax.GradientTransformation]]:
     """The qualified name and factory of ``name`` (``varjax`` first, then ``optax``).
 
-    >>> resolve("radam")[0], resolve("adamw")[0], resolve("optax.radam")[0]
-    ('varjax.radam', 'optax.adamw', 'optax.radam')
+    Examples:
+      >>> resolve("radam")[0], resolve("adamw")[0], resolve("optax.radam")[0]
+      ('varjax.radam', 'optax.adamw', 'optax.radam')
     """
     name = name.strip()
     candidates = (
@@ -305,8 +311,9 @@ def resolve(name: str) -> tuple[str, Callable[..., optax.GradientTransformation]
 def default_learning_rate(name: str, base: float) -> float | None:
     """The learning rate ``name`` gets when none is given; ``None``: the factory's own.
 
-    >>> default_learning_rate("optax.adamw", 3e-3), default_learning_rate("optax.sgd", 3e-3)
-    (0.003, 0.3)
+    Examples:
+      >>> default_learning_rate("optax.adamw", 3e-3), default_learning_rate("optax.sgd", 3e-3)
+      (0.003, 0.3)
     """
     if name in LEARNING_RATE_FREE:
         return None
@@ -318,21 +325,22 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
     """Build ``spec``'s optimizer; return it and the keyword arguments it was built with.
 
-    Unknown keywords and values the factory rejects raise :class:`SpecError`
+    Unknown keywords and values the factory rejects raise ``SpecError``
     naming the argument.
 
-    >>> tx, kwargs = build_optimizer(OptimizerSpec("varjax.radam"), 3e-3)
-    >>> kwargs
-    {'learning_rate': 0.003}
-    >>> build_optimizer(OptimizerSpec("varjax.radam", {"b1": 1.5}), 3e-3)
-    Traceback (most recent call last):
-    ...
-    varjax.compare.spec.SpecError: varjax.radam:b1=1.5: b1 must be in [0.0, 1.0), got 1.5
-    >>> build_optimizer(OptimizerSpec("varjax.radam", {"beta1": 0.9}), 3e-3)
-    Traceback (most recent call last):
-    ...
-    varjax.compare.spec.SpecError: varjax.radam:beta1=0.9: no hyper-parameter 'beta1' (close: b1)...
-    """
+    Examples:
+      >>> tx, kwargs = build_optimizer(OptimizerSpec("varjax.radam"), 3e-3)
+      >>> kwargs
+      {'learning_rate': 0.003}
+      >>> build_optimizer(OptimizerSpec("varjax.radam", {"b1": 1.5}), 3e-3)
+      Traceback (most recent call last):
+      ...
+      varjax.compare.spec.SpecError: varjax.radam:b1=1.5: b1 must be in [0.0, 1.0), got 1.5
+      >>> build_optimizer(OptimizerSpec("varjax.radam", {"beta1": 0.9}), 3e-3)
+      Traceback (most recent call last):
+      ...
+      varjax.compare.spec.SpecError: varjax.radam:beta1=0.9: no hyper-parameter 'beta1' (close: b1)...
+    """  # noqa: E501 (a doctest's exception line)
     _, factory = resolve(spec.name)
     parameters = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

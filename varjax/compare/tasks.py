@@ -7,21 +7,22 @@
 * ``regression``: a two-layer MLP fitted to a generated nonlinear regression
   problem with Gaussian label noise (an MSE floor of ``noise ** 2``).
 
-A :class:`Task` is functional: parameters are a nested dict of arrays (the
-pure-dict form of the NNX model's :class:`flax.nnx.Param` state), ``loss`` and
+A ``Task`` is functional: parameters are a nested dict of arrays (the
+pure-dict form of the NNX model's ``flax.nnx.Param`` state), ``loss`` and
 ``sample_batch`` are pure functions that ``jax.jit`` and ``jax.lax.scan`` can
 trace, and the training data is passed in as an argument (never baked into the
 compiled program as a constant).
 
->>> task = build_task("regression", tiny=True)
->>> task.name, task.n_params
-('regression', 561)
->>> params = task.init_params(0)
->>> batch = task.sample_batch(task.train_data, jax.random.key(0), 8)
->>> [x.shape for x in batch]
-[(8, 16), (8, 1)]
->>> bool(task.loss(params, task.eval_batch) > 0)
-True
+Examples:
+  >>> task = build_task("regression", tiny=True)
+  >>> task.name, task.n_params
+  ('regression', 561)
+  >>> params = task.init_params(0)
+  >>> batch = task.sample_batch(task.train_data, jax.random.key(0), 8)
+  >>> [x.shape for x in batch]
+  [(8, 16), (8, 1)]
+  >>> bool(task.loss(params, task.eval_batch) > 0)
+  True
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class CharLMSize:
     def n_params(self) -> int:
         """Embeddings, ``n_layers`` blocks (two norms, ``qkv``, ``proj``, 4x MLP), norm, head.
 
-        >>> CHARLM_SIZES["default"].n_params()
-        120704
+        Examples:
+          >>> CHARLM_SIZES["default"].n_params()
+          120704
         """
         d = self.d_model
         block = (
@@ -151,8 +153,8 @@ class Task:
 
 
 def build_task(name: str, *, tiny: bool = False, size: str | None = None) -> Task:
-    """The task called ``name`` (one of :data:`TASKS`); ``tiny`` shrinks model and data;
-    ``size`` names one of :data:`CHARLM_SIZES` (``charlm`` only; it overrides ``tiny``)."""
+    """The task called ``name`` (one of ``TASKS``); ``tiny`` shrinks model and data;
+    ``size`` names one of ``CHARLM_SIZES`` (``charlm`` only; it overrides ``tiny``)."""
     if name == "charlm":
         return charlm_task(size or ("tiny" if tiny else "default"))
     if size is not None:
@@ -179,11 +181,12 @@ def stdlib_text(max_chars: int) -> str:
     """The ``.py`` files of the standard library (no site- or dist-packages), in sorted
     path order, concatenated and cut at ``max_chars``.
 
-    >>> text = stdlib_text(1000)
-    >>> len(text)
-    1000
-    >>> text == stdlib_text(1000)
-    True
+    Examples:
+      >>> text = stdlib_text(1000)
+      >>> len(text)
+      1000
+      >>> text == stdlib_text(1000)
+      True
     """
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     chunks, size = [], 0
@@ -199,10 +202,11 @@ def stdlib_text(max_chars: int) -> str:
 
 
 def encode_ascii(text: str) -> np.ndarray:
-    """Character codes as ``uint8`` (vocabulary :data:`VOCAB`); non-ASCII becomes ``?``.
+    """Character codes as ``uint8`` (vocabulary ``VOCAB``); non-ASCII becomes ``?``.
 
-    >>> encode_ascii("def é")
-    array([100, 101, 102,  32,  63], dtype=uint8)
+    Examples:
+      >>> encode_ascii("def é")
+      array([100, 101, 102,  32,  63], dtype=uint8)
     """
     return np.frombuffer(text.encode("ascii", errors="replace"), dtype=np.uint8).copy()
 
@@ -229,11 +233,12 @@ class Block(nnx.Module):
 
 
 class CharTransformer(nnx.Module):
-    """Token and position embeddings, ``n_layers`` :class:`Block`\\ s, a final norm and head.
+    """Token and position embeddings, ``n_layers`` ``Block``\\ s, a final norm and head.
 
-    >>> model = CharTransformer(context=8, d_model=16, n_layers=1, n_heads=2, rngs=nnx.Rngs(0))
-    >>> model(jnp.zeros((2, 8), jnp.int32)).shape
-    (2, 8, 128)
+    Examples:
+      >>> model = CharTransformer(context=8, d_model=16, n_layers=1, n_heads=2, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+      (2, 8, 128)
     """
 
     def __init__(
@@ -261,7 +266,7 @@ def _windows(tokens: jax.Array, starts: jax.Array, length: int) -> jax.Array:
 
 def charlm_task(size: str = "default") -> Task:
     """Next-character prediction on the standard library's source (nats per character);
-    ``size`` is one of :data:`CHARLM_SIZES`."""
+    ``size`` is one of ``CHARLM_SIZES``."""
     shape = CHARLM_SIZES[size]
     context, d_model, n_layers, n_heads = (
         shape.context,
@@ -343,9 +348,10 @@ def make_regression(
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """A smooth nonlinear target of ``dim`` inputs plus Gaussian label noise, split 3:1.
 
-    >>> (x, y), (x_val, y_val) = make_regression(8, 4, 0.1)
-    >>> x.shape, y.shape, x_val.shape
-    ((6, 4), (6, 1), (2, 4))
+    Examples:
+      >>> (x, y), (x_val, y_val) = make_regression(8, 4, 0.1)
+      >>> x.shape, y.shape, x_val.shape
+      ((6, 4), (6, 1), (2, 4))
     """
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)

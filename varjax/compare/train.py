@@ -7,14 +7,15 @@ for a given seed every optimizer sees the same batches, and starts from the
 same parameters. The time per step is the median over chunks of the wall time
 of a chunk (``block_until_ready``), leaving out each optimizer's first call.
 
->>> import optax
->>> from varjax.compare.tasks import build_task
->>> task = build_task("regression", tiny=True)
->>> run = train(task, optax.adam(1e-2), steps=20, batch_size=16, eval_every=10, seeds=[0])
->>> run.curves[0].steps
-[0, 10, 20]
->>> run.curves[0].valid[-1] < run.curves[0].valid[0]
-True
+Examples:
+  >>> import optax
+  >>> from varjax.compare.tasks import build_task
+  >>> task = build_task("regression", tiny=True)
+  >>> run = train(task, optax.adam(1e-2), steps=20, batch_size=16, eval_every=10, seeds=[0])
+  >>> run.curves[0].steps
+  [0, 10, 20]
+  >>> run.curves[0].valid[-1] < run.curves[0].valid[0]
+  True
 """
 
 from __future__ import annotations
@@ -69,14 +70,15 @@ def check_optimizer(task: Task, tx: optax.GradientTransformation) -> None:
     """Trace (not run) one update on the task's parameter shapes, so that a missing
     extra argument (``previous_grads``, ...) fails before any training.
 
-    >>> import optax, varjax
-    >>> from varjax.compare.tasks import build_task
-    >>> task = build_task("regression", tiny=True)
-    >>> check_optimizer(task, optax.adamw(1e-3))
-    >>> check_optimizer(task, varjax.mars_adamw(exact=True))
-    Traceback (most recent call last):
-    ...
-    ValueError: mars_correction(exact=True) needs the gradient at the previous parameters ...
+    Examples:
+      >>> import optax, varjax
+      >>> from varjax.compare.tasks import build_task
+      >>> task = build_task("regression", tiny=True)
+      >>> check_optimizer(task, optax.adamw(1e-3))
+      >>> check_optimizer(task, varjax.mars_adamw(exact=True))
+      Traceback (most recent call last):
+      ...
+      ValueError: mars_correction(exact=True) needs the gradient at the previous parameters ...
     """
     params = jax.eval_shape(lambda: task.init_params(0))
 
@@ -228,15 +230,16 @@ class RateTrainer:
     factory needs a concrete rate (it compares it in Python, say) is compiled
     again for each rate instead. ``shared`` says which happened.
 
-    >>> import optax
-    >>> from varjax.compare.tasks import build_task
-    >>> task = build_task("regression", tiny=True)
-    >>> trainer = RateTrainer(task, optax.adam, steps=20, batch_size=16, eval_every=10, seeds=[0])
-    >>> runs = [trainer(rate) for rate in (1e-3, 1e-2)]
-    >>> trainer.shared, runs[1].compile_seconds
-    (True, 0.0)
-    >>> runs[1].curves[0].valid[-1] < runs[0].curves[0].valid[-1]
-    True
+    Examples:
+      >>> import optax
+      >>> from varjax.compare.tasks import build_task
+      >>> task = build_task("regression", tiny=True)
+      >>> trainer = RateTrainer(task, optax.adam, steps=20, batch_size=16, eval_every=10, seeds=[0])
+      >>> runs = [trainer(rate) for rate in (1e-3, 1e-2)]
+      >>> trainer.shared, runs[1].compile_seconds
+      (True, 0.0)
+      >>> runs[1].curves[0].valid[-1] < runs[0].curves[0].valid[-1]
+      True
     """
 
     def __init__(

@@ -6,11 +6,12 @@ one with the lowest final validation loss (mean over seeds). A rate whose loss
 is not finite (a diverged run) is never the best unless every rate diverged,
 when the smallest is kept.
 
->>> rate_grid(3e-3, points=5, span=10.0)
-[0.0003, 0.000949, 0.003, 0.00949, 0.03]
->>> points = [GridPoint(r, v, [v], 0.0) for r, v in [(1e-3, 2.5), (3e-3, 2.1), (1e-2, 2.3)]]
->>> best_point(points).learning_rate
-0.003
+Examples:
+  >>> rate_grid(3e-3, points=5, span=10.0)
+  [0.0003, 0.000949, 0.003, 0.00949, 0.03]
+  >>> points = [GridPoint(r, v, [v], 0.0) for r, v in [(1e-3, 2.5), (3e-3, 2.1), (1e-2, 2.3)]]
+  >>> best_point(points).learning_rate
+  0.003
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def rate_grid(rate: float, *, points: int, span: float) -> list[float]:
     """``points`` rates from ``rate / span`` to ``rate * span``, evenly spaced in log and
     rounded to 3 significant digits; an odd ``points`` puts ``rate`` itself in the middle.
 
-    >>> rate_grid(1e-3, points=3, span=4.0)
-    [0.00025, 0.001, 0.004]
-    >>> rate_grid(1e-3, points=1, span=4.0)
-    [0.001]
+    Examples:
+      >>> rate_grid(1e-3, points=3, span=4.0)
+      [0.00025, 0.001, 0.004]
+      >>> rate_grid(1e-3, points=1, span=4.0)
+      [0.001]
     """
     if points < 1 or not span >= 1 or not rate > 0:
         raise ValueError(f"want points >= 1, span >= 1 and rate > 0, got {points}, {span}, {rate}")

@@ -1,11 +1,11 @@
 """Blockwise quantized optimizer state (Dettmers et al., 2022, "8-bit Optimizers via
 Block-wise Quantization"): the quantization codes and block-wise absmax quantization.
 
-:func:`quantize_state` keeps any transform's state in 8 or 4 bits between steps;
+[`quantize_state`][varjax.quantize_state] keeps any transform's state in 8 or 4 bits between steps;
 the ready ``varjax.adam_8bit``, ``adamw_8bit``, ``lion_8bit``, ``ademamix_8bit``
 and their 4-bit variants use it.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from varjax.quantization import dynamic_map, quantize_blockwise, dequantize_blockwise
   >>> moments = jnp.linspace(-3.0, 3.0, 1000)

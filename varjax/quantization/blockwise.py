@@ -27,7 +27,7 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
 
 
 def _unblocked(blocks: jax.Array, length: int) -> jax.Array:
-    """The inverse of :func:`_blocks`: the last two axes merged and cut to ``length``."""
+    """The inverse of ``_blocks``: the last two axes merged and cut to ``length``."""
     return blocks.reshape(*blocks.shape[:-2], -1)[..., :length]
 
 
@@ -75,7 +75,7 @@ def _scaled_in_blocks(
 def _scaled_in_windows(
     x: jax.Array, block_size: int, absmax: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """As :func:`_scaled_in_blocks`, in the CPU layout (no padded copy)."""
+    """As ``_scaled_in_blocks``, in the CPU layout (no padded copy)."""
     if absmax is None:
         absmax = _block_absmax(x, block_size)
     inverse = _per_element(1.0 / jnp.maximum(absmax, TINY), block_size, x.shape[-1])
@@ -117,7 +117,8 @@ _SMALLEST_EXPONENT = 127 - 40  # magnitudes below 2**-40 share the bucket of 0
 
 @functools.lru_cache(maxsize=32)
 def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """Lookup tables for :func:`nearest_index` over buckets of float32 bit patterns.
+    """Lookup tables for [`nearest_index`][varjax.quantization.nearest_index] over buckets of
+    float32 bit patterns.
 
     A value's bucket is its sign, exponent and top ``m`` mantissa bits, so a bucket
     spans a relative width of at most ``2**-m``. With ``m`` chosen so that no
@@ -185,7 +186,7 @@ def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
     Returns:
       int32 indices into ``code``, shaped like ``scaled``.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> code = np.asarray([-1.0, 0.0, 0.5, 1.0], np.float32)
       >>> nearest_index(jnp.asarray([-0.6, 0.25, 0.3, 0.9]), code).tolist()  # 0.25: a tie
@@ -224,32 +225,33 @@ def quantize_blockwise(
 ) -> tuple[jax.Array, jax.Array]:
     """Codes (uint8, shaped like ``x``) and per-block absmax (float32, ``(*leading, n_blocks)``).
 
-    Each element becomes the index of the nearest entry of ``code`` (a sorted map)
-    to ``clip(x / absmax, -1, 1)``, with ties going to the lower entry, as
-    bitsandbytes' ``quantize_blockwise``; for a 1-D array, or one whose last axis
-    is a multiple of ``block_size``, the codes and absmax equal bitsandbytes'.
-    With a PRNG ``key`` the rounding is stochastic instead (:func:`stochastic_index`).
-    A given ``absmax`` (as :func:`block_absmax` of ``x``) is used instead of reducing ``x``
-    again, so the codes can be made in one elementwise pass after the reduction.
+    Each element becomes the index of the nearest entry of ``code`` (a sorted map) to ``clip(x /
+    absmax, -1, 1)``, with ties going to the lower entry, as bitsandbytes' ``quantize_blockwise``;
+    for a 1-D array, or one whose last axis is a multiple of ``block_size``, the codes and absmax
+    equal bitsandbytes'. With a PRNG ``key`` the rounding is stochastic instead
+    ([`stochastic_index`][varjax.quantization.blockwise.stochastic_index]). A given ``absmax`` (as
+    ``block_absmax`` of ``x``) is used instead of reducing ``x`` again, so the codes can be made in
+    one elementwise pass after the reduction.
 
     Args:
       x: the values, any float array (scalars are taken as shape ``(1,)``).
       code: the sorted quantization map of at most 256 entries in [-1, 1]
-        (:func:`dynamic_map`, :func:`linear_map`).
+        (``dynamic_map``, ``linear_map``).
       block_size: the number of elements of the last axis that share one
         absmax, >= 1 (256 as bitsandbytes' 8-bit optimizers).
       key: a PRNG key for unbiased stochastic rounding; ``None`` (default):
         round to the nearest entry.
-      absmax: the blocks' absmax, as :func:`block_absmax` gives it; ``None``
+      absmax: the blocks' absmax, as ``block_absmax`` gives it; ``None``
         (default): reduced from ``x``.
 
     Returns:
       ``(codes, absmax)``.
 
-    >>> from varjax.quantization import dynamic_map
-    >>> q, absmax = quantize_blockwise(jnp.linspace(-1.0, 1.0, 8), dynamic_map(), 4)
-    >>> q.dtype, q.shape, absmax.shape
-    (dtype('uint8'), (8,), (2,))
+    Examples:
+      >>> from varjax.quantization import dynamic_map
+      >>> q, absmax = quantize_blockwise(jnp.linspace(-1.0, 1.0, 8), dynamic_map(), 4)
+      >>> q.dtype, q.shape, absmax.shape
+      (dtype('uint8'), (8,), (2,))
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -276,8 +278,9 @@ def quantize_blockwise(
 
 
 def block_absmax(x: jax.Array, block_size: int = 256) -> jax.Array:
-    """The absmax that :func:`quantize_blockwise` computes for ``x``, alone: float32,
-    ``(*leading, n_blocks)``, equal bit for bit in either layout (a max is exact)."""
+    """The absmax that [`quantize_blockwise`][varjax.quantization.quantize_blockwise] computes for
+    ``x``, alone: float32, ``(*leading, n_blocks)``, equal bit for bit in either layout (a max is
+    exact)."""
     x = jnp.atleast_1d(jnp.asarray(x, jnp.float32))
     return jax.lax.platform_dependent(
         x,
@@ -296,8 +299,9 @@ def pack_4bit(codes: jax.Array) -> jax.Array:
     Returns:
       uint8 bytes, the last axis half as long (rounded up).
 
-    >>> pack_4bit(jnp.asarray([1, 2, 15], jnp.uint8)).tolist()
-    [33, 15]
+    Examples:
+      >>> pack_4bit(jnp.asarray([1, 2, 15], jnp.uint8)).tolist()
+      [33, 15]
     """
     codes = jnp.atleast_1d(codes).astype(jnp.uint8)
     if codes.shape[-1] % 2:
@@ -307,16 +311,17 @@ def pack_4bit(codes: jax.Array) -> jax.Array:
 
 
 def unpack_4bit(packed: jax.Array, length: int) -> jax.Array:
-    """The first ``length`` codes of the last axis of :func:`pack_4bit`'s output.
+    """The first ``length`` codes of the last axis of [`pack_4bit`][varjax.quantization.pack_4bit]'s
+    output.
 
     Args:
-      packed: the uint8 output of :func:`pack_4bit`.
+      packed: the uint8 output of [`pack_4bit`][varjax.quantization.pack_4bit].
       length: the length of the last axis before packing.
 
     Returns:
       uint8 codes in [0, 15], the last axis ``length`` long.
 
-    Example:
+    Examples:
       >>> packed = pack_4bit(jnp.asarray([1, 2, 15], jnp.uint8))
       >>> unpack_4bit(packed, 3).tolist()
       [1, 2, 15]
@@ -332,13 +337,15 @@ def dequantize_blockwise(
     block_size: int = 256,
     dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> jax.Array:
-    """The values ``code[codes] * absmax`` of :func:`quantize_blockwise`'s output, in ``dtype``.
+    """The values ``code[codes] * absmax`` of
+    [`quantize_blockwise`][varjax.quantization.quantize_blockwise]'s output, in ``dtype``.
 
     ``block_size`` must be the one the codes were made with.
 
     Args:
-      codes: the codes from :func:`quantize_blockwise`.
-      absmax: the per-block absmax from :func:`quantize_blockwise`.
+      codes: the codes from [`quantize_blockwise`][varjax.quantization.quantize_blockwise].
+      absmax: the per-block absmax from
+        [`quantize_blockwise`][varjax.quantization.quantize_blockwise].
       code: the map the codes index, the one they were made with.
       block_size: the block size they were made with, >= 1.
       dtype: the dtype of the result (default float32).
@@ -346,12 +353,13 @@ def dequantize_blockwise(
     Returns:
       The values, shaped like ``codes``.
 
-    >>> from varjax.quantization import dynamic_map
-    >>> x = jnp.asarray([0.5, -1.0, 0.25, 2.0])
-    >>> q, absmax = quantize_blockwise(x, dynamic_map(), 2)
-    >>> restored = dequantize_blockwise(q, absmax, dynamic_map(), 2)
-    >>> [round(v, 3) for v in restored.tolist()]  # the signed map stops at -0.993
-    [0.501, -0.993, 0.242, 2.0]
+    Examples:
+      >>> from varjax.quantization import dynamic_map
+      >>> x = jnp.asarray([0.5, -1.0, 0.25, 2.0])
+      >>> q, absmax = quantize_blockwise(x, dynamic_map(), 2)
+      >>> restored = dequantize_blockwise(q, absmax, dynamic_map(), 2)
+      >>> [round(v, 3) for v in restored.tolist()]  # the signed map stops at -0.993
+      [0.501, -0.993, 0.242, 2.0]
     """
     code = jnp.asarray(code, jnp.float32)
     shape = jnp.shape(codes)

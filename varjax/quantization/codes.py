@@ -46,9 +46,10 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     Returns:
       The sorted map, a float32 NumPy array of ``2**total_bits`` values in [-1, 1].
 
-    >>> m = dynamic_map(signed=True)
-    >>> m.shape, round(float(m.min()), 6), float(m.max())
-    ((256,), -0.992969, 1.0)
+    Examples:
+      >>> m = dynamic_map(signed=True)
+      >>> m.shape, round(float(m.min()), 6), float(m.max())
+      ((256,), -0.992969, 1.0)
     """
     if not 1 <= max_exponent_bits < total_bits:
         raise ValueError(
@@ -98,10 +99,11 @@ def linear_map(signed: bool = True, total_bits: int = 8, *, zero: bool = True) -
     Returns:
       The sorted map, a float32 NumPy array of ``2**total_bits`` values.
 
-    >>> linear_map(signed=True, total_bits=2)
-    array([-1.,  0.,  0.,  1.], dtype=float32)
-    >>> linear_map(signed=False, total_bits=2, zero=False)
-    array([0.25, 0.5 , 0.75, 1.  ], dtype=float32)
+    Examples:
+      >>> linear_map(signed=True, total_bits=2)
+      array([-1.,  0.,  0.,  1.], dtype=float32)
+      >>> linear_map(signed=False, total_bits=2, zero=False)
+      array([0.25, 0.5 , 0.75, 1.  ], dtype=float32)
     """
     if total_bits < 1:
         raise ValueError(f"total_bits must be >= 1, got {total_bits}")
@@ -133,8 +135,9 @@ def default_maps(bits: int) -> tuple[np.ndarray, np.ndarray]:
     Returns:
       ``(signed_map, unsigned_map)``, float32 NumPy arrays of ``2**bits`` values.
 
-    >>> [m.size for m in default_maps(4)]
-    [16, 16]
+    Examples:
+      >>> [m.size for m in default_maps(4)]
+      [16, 16]
     """
     if bits == 8:
         return dynamic_map(signed=True), dynamic_map(signed=False)

@@ -1,8 +1,8 @@
-"""The roles of Optax's state types, in one table (see :mod:`varjax.roles`).
+"""The roles of Optax's state types, in one table (see [`varjax.roles`][]).
 
-Each row names a state type by its module and class, and gives the role of
-each field. Rows whose type the installed Optax lacks (an older or newer
-release) are skipped; :data:`REGISTERED` lists those that were found.
+Each row names a state type by its module and class, and gives the role of each field. Rows whose
+type the installed Optax lacks (an older or newer release) are skipped;
+[`REGISTERED`][varjax.quantization.optax_roles.REGISTERED] lists those that were found.
 
 Choices worth knowing:
 
@@ -21,7 +21,7 @@ Choices worth knowing:
   ``subgradients`` and ``reward`` are non-negative (a running maximum of ``|g|``,
   a sum of ``|g|``, and a reward clipped at zero).
 
-Example:
+Examples:
   >>> import optax
   >>> from varjax.roles import declared_roles
   >>> {field: role.name for field, role in declared_roles(optax.FactoredState).items()}
@@ -169,4 +169,5 @@ def _register_table() -> tuple[type, ...]:
 
 
 REGISTERED: tuple[type, ...] = _register_table()
-"""The Optax state types of :data:`TABLE` that the installed Optax defines."""
+"""The Optax state types of [`TABLE`][varjax.quantization.optax_roles.TABLE] that the installed
+Optax defines."""

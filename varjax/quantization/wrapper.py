@@ -46,7 +46,7 @@ class QuantizedArray:
       bits: 8 or 4.
       shape: the array's own shape.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> state = quantize_state(optax.scale_by_adam(), min_size=0).init(jnp.ones((2, 300)))
       >>> mu = state.inner_state.mu
@@ -63,18 +63,18 @@ class QuantizedArray:
 
 @roles_lib.declare(inner_state=Role.EXACT, skipped=Role.COUNT, key=Role.EXACT, spec=Role.EXACT)
 class QuantizedState(NamedTuple):
-    """State of :func:`quantize_state`.
+    """State of [`quantize_state`][varjax.quantize_state].
 
     Attributes:
       inner_state: the inner transform's state, its moments as
-        :class:`QuantizedArray` leaves.
+        [`QuantizedArray`][varjax.quantization.QuantizedArray] leaves.
       skipped: the number of steps skipped for a non-finite gradient or new state.
       key: the PRNG key data of stochastic rounding, ``None`` for nearest rounding.
       spec: the structure and leaf shapes of the parameters (a
-        :class:`varjax._base.ShapeWitness`: no arrays), which gradients are
+        ``varjax._base.ShapeWitness``: no arrays), which gradients are
         checked against.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> state = quantize_state(optax.adam(1e-3)).init({"w": jnp.ones(3)})
       >>> int(state.skipped), state.key
@@ -117,10 +117,9 @@ def _check_map(name: str, code: np.ndarray, bits: int, signed: bool) -> np.ndarr
 
 @dataclasses.dataclass(frozen=True)
 class _Codec:
-    """The settings that compress and expand a state, hashable: the jitted functions
-    below compile once per codec and state layout, shared by every
-    :func:`quantize_state` built with equal settings (``optax.inject_hyperparams``
-    builds a new one at every step)."""
+    """The settings that compress and expand a state, hashable: the jitted functions below compile
+    once per codec and state layout, shared by every [`quantize_state`][varjax.quantize_state] built
+    with equal settings (``optax.inject_hyperparams`` builds a new one at every step)."""
 
     bits: int
     block_size: int
@@ -156,10 +155,10 @@ class _Codec:
 
 
 class UndeclaredRoleWarning(UserWarning):
-    """A large float leaf of :func:`quantize_state`'s inner state has no declared role,
-    so it is kept in full precision.
+    """A large float leaf of [`quantize_state`][varjax.quantize_state]'s inner state has no declared
+    role, so it is kept in full precision.
 
-    Example:
+    Examples:
       >>> import warnings
       >>> warnings.simplefilter("error", UndeclaredRoleWarning)  # make it an error
       >>> warnings.resetwarnings()
@@ -210,7 +209,7 @@ def _compress(codec: _Codec, tree: PyTree, key: jax.Array | None) -> PyTree:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _expand(codec: _Codec, tree: PyTree) -> PyTree:
-    """Dequantize every :class:`QuantizedArray` of ``tree``."""
+    """Dequantize every [`QuantizedArray`][varjax.quantization.QuantizedArray] of ``tree``."""
 
     def leaf(x: Any) -> Any:
         if not isinstance(x, QuantizedArray):
@@ -286,8 +285,8 @@ def _use_two_passes() -> bool:
 
 
 def _leaves_with_stored(stored: PyTree, new: PyTree) -> tuple[list, list, Any]:
-    """The leaves of a new inner state (a Flax NNX ``Variable`` counts as one), the
-    stored leaves at the same places (a :class:`QuantizedArray` where the leaf is kept
+    """The leaves of a new inner state (a Flax NNX ``Variable`` counts as one), the stored leaves at
+    the same places (a [`QuantizedArray`][varjax.quantization.QuantizedArray] where the leaf is kept
     quantized), and the new state's treedef."""
     leaves, treedef = jax.tree_util.tree_flatten(new, is_leaf=_is_value_holder)
     return leaves, treedef.flatten_up_to(stored), treedef
@@ -303,7 +302,7 @@ def _new_absmax(codec: _Codec, stored: PyTree, new: PyTree) -> list[jax.Array | 
 
     Only these reductions of the new state are used, so XLA can fuse the elementwise
     moment update into them and never write the new moments in float32; the step then
-    computes them a second time to encode them (:func:`_encode`).
+    computes them a second time to encode them (``_encode``).
     """
     leaves, stored_leaves, _ = _leaves_with_stored(stored, new)
     return [
@@ -321,7 +320,7 @@ def _encode(
     key: jax.Array | None,
 ) -> PyTree:
     """The stored state after a step: each leaf of ``new`` that ``stored`` keeps quantized
-    encoded with its block ``absmax`` (from :func:`_new_absmax`), the others as they are,
+    encoded with its block ``absmax`` (from ``_new_absmax``), the others as they are,
     where ``finite``; ``stored`` itself where not. The select is elementwise, so XLA fuses
     it with the encoding."""
     leaves, stored_leaves, treedef = _leaves_with_stored(stored, new)
@@ -357,8 +356,9 @@ def all_finite(tree: PyTree) -> jax.Array:
     (``max(abs(x))`` would not do: XLA:CPU's max drops a NaN.) Elsewhere it is
     ``all(isfinite(x))``.
 
-    >>> all_finite({"a": jnp.ones(3), "b": jnp.asarray([1.0, jnp.inf])}).item()
-    False
+    Examples:
+      >>> all_finite({"a": jnp.ones(3), "b": jnp.asarray([1.0, jnp.inf])}).item()
+      False
     """
 
     # integer and boolean leaves are finite (and ``x - x`` is undefined for booleans)
@@ -424,22 +424,22 @@ def quantize_state(
     al., 2023, "Memory Efficient Optimizers with 4-bit States").
 
     Each leaf of the inner state is treated by its declared role
-    (:mod:`varjax.roles`): signed moments (:attr:`~varjax.roles.Role.SIGNED`) are
+    ([`varjax.roles`][]): signed moments ([`SIGNED`][varjax.roles.Role.SIGNED]) are
     kept as codes of the signed map, non-negative ones
-    (:attr:`~varjax.roles.Role.NON_NEGATIVE`) as codes of the unsigned map, each
+    ([`NON_NEGATIVE`][varjax.roles.Role.NON_NEGATIVE]) as codes of the unsigned map, each
     with one float32 absmax per ``block_size`` elements of its last axis. Copies of
     the parameters, counts, histories, keys and everything else stay as they are,
     and so do leaves under ``min_size`` elements. varjax's state types declare
     their roles where they are defined, and Optax's are declared in one table
-    (:mod:`varjax.quantization.optax_roles`: Adam, Lion, Adafactor, RMSProp,
+    ([`varjax.quantization.optax_roles`][]: Adam, Lion, Adafactor, RMSProp,
     Adagrad, SGD momentum, AdaBelief, Yogi, LAMB, LARS, NovoGrad, SM3, Adan, and
     contrib's AdEMAMix, COCOB, D-Adaptation, Prodigy, schedule-free, Muon, Sophia,
     ...); ``optax.chain``, ``masked``, ``partition``, ``MultiSteps``,
-    ``inject_hyperparams`` and ``apply_if_finite`` states are walked through. A
-    large float leaf of a state type with no declared roles is kept in full
-    precision, with an :class:`UndeclaredRoleWarning` that names it: keeping it
-    is never wrong, only less compact, while a guess could quantize a copy of the
-    parameters or give a non-negative moment the signed map.
+    ``inject_hyperparams`` and ``apply_if_finite`` states are walked through. A large float leaf of
+    a state type with no declared roles is kept in full precision, with an
+    [`UndeclaredRoleWarning`][varjax.quantization.UndeclaredRoleWarning] that names it: keeping it
+    is never wrong, only less compact, while a guess could quantize a copy of the parameters or give
+    a non-negative moment the signed map.
 
     Each step dequantizes, runs ``inner.update`` and quantizes the new state.
 
@@ -453,23 +453,22 @@ def quantize_state(
     ``block_size`` neighbours would turn to NaN.) Only the wrapped transform
     is skipped: a weight decay or learning-rate schedule chained after the
     wrapper still acts, so wrap the whole chain, as the ready optimizers
-    (:func:`varjax.adamw_8bit` and the others) do, to skip the whole step.
+    ([`varjax.adamw_8bit`][] and the others) do, to skip the whole step.
 
     Args:
       inner: the transform whose state is stored quantized; its updates are
         returned unchanged in meaning (cast to the gradients' dtypes).
-      bits: 8 (bitsandbytes' dynamic maps, codes equal to its
-        ``quantize_blockwise``, about 1.02 bytes per element) or 4 (the maps of
-        Li et al., :func:`default_maps`: a dynamic map for signed moments and a
-        linear map without zero for non-negative ones, two codes per byte, about
-        0.53 bytes per element; their rank-1 normalisation of second moments is
-        not implemented).
+      bits: 8 (bitsandbytes' dynamic maps, codes equal to its ``quantize_blockwise``, about 1.02
+        bytes per element) or 4 (the maps of Li et al.,
+        [`default_maps`][varjax.quantization.default_maps]: a dynamic map for signed moments and a
+        linear map without zero for non-negative ones, two codes per byte, about 0.53 bytes per
+        element; their rank-1 normalisation of second moments is not implemented).
       block_size: elements per absmax along the last axis, an int >= 1; ``None``
         gives 256 at 8 bits and 128 at 4 bits.
       min_size: leaves with fewer elements stay in full precision; ``None``
         gives 4096.
       roles: per-leaf override of the declared roles: a mapping from regular
-        expressions to :class:`~varjax.roles.Role` values, the first pattern
+        expressions to [`Role`][varjax.roles.Role] values, the first pattern
         that ``re.search`` finds in ``jax.tree_util.keystr(path)`` of a state
         leaf deciding (``{"embed": Role.EXACT}`` keeps every state leaf of a
         parameter whose path names ``embed`` in float32, as bitsandbytes advises
@@ -488,14 +487,14 @@ def quantize_state(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`QuantizedState`.
+      [`QuantizedState`][varjax.quantization.QuantizedState].
 
     Raises:
       ValueError: for bad arguments, naming them, and at ``update`` for a
         gradient tree whose structure or leaf shapes differ from the parameters
         given to ``init`` (naming the leaf).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from varjax import quantize_state
       >>> from varjax.roles import Role

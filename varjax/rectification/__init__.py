@@ -4,22 +4,23 @@ Building blocks in Optax's ``scale_by_*`` convention (they output the update
 direction *before* the learning rate and its sign flip) and wrappers that
 correct any adaptive transform:
 
-* :func:`rectify` / :func:`scale_by_radam` - RAdam's variance rectification.
-* :func:`scale_by_adopt` - ADOPT, the second moment taken one step late.
-* :func:`scale_by_grams` - Grams, Adam's magnitude with the gradient's sign.
-* :func:`cautious` - cautious masking of any transform's update.
-* :func:`scale_by_diffgrad` - diffGrad's friction on the first moment.
-* :func:`scale_by_adamp` - AdamP's projection for scale-invariant weights.
-* :func:`scale_by_adam_atan2` - eps-free Adam through ``atan2``.
+* [`rectify`][varjax.rectify] / [`scale_by_radam`][varjax.scale_by_radam] - RAdam's variance
+  rectification.
+* [`scale_by_adopt`][varjax.scale_by_adopt] - ADOPT, the second moment taken one step late.
+* [`scale_by_grams`][varjax.scale_by_grams] - Grams, Adam's magnitude with the gradient's sign.
+* [`cautious`][varjax.cautious] - cautious masking of any transform's update.
+* [`scale_by_diffgrad`][varjax.scale_by_diffgrad] - diffGrad's friction on the first moment.
+* [`scale_by_adamp`][varjax.scale_by_adamp] - AdamP's projection for scale-invariant weights.
+* [`scale_by_adam_atan2`][varjax.scale_by_adam_atan2] - eps-free Adam through ``atan2``.
 
 The Adam-like blocks take ``amsgrad=True`` for the AMSGrad max correction of
-the second moment (one shared implementation in :mod:`varjax._base`).
+the second moment (one shared implementation in ``varjax._base``).
 
 Each method lives in a module of its own (``radam``, ``adopt``, ``adam_steps``,
 ``adamp``, ``cautious_masking``); every name is imported here, so
 ``varjax.rectification.scale_by_radam`` and the rest work as before.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from varjax.rectification import rectification
   >>> [bool(rectification(jnp.asarray(t), 0.999, 5.0)[1]) for t in (5, 6)]

@@ -54,7 +54,7 @@ def scale_by_grams(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_grams()
       >>> updates, _ = tx.update({"w": jnp.array([1.0, -2.0])}, tx.init({"w": jnp.zeros(2)}))
@@ -79,7 +79,8 @@ def scale_by_grams(
 
 @roles.declare(adaptive=Role.NESTED, prev_grad=Role.EXACT)
 class ScaleByDiffGradState(NamedTuple):
-    """State of :func:`scale_by_diffgrad`: Adam's moments and the previous gradient."""
+    """State of [`scale_by_diffgrad`][varjax.scale_by_diffgrad]: Adam's moments and the previous
+    gradient."""
 
     adaptive: AdaptiveState
     prev_grad: PyTree
@@ -112,7 +113,7 @@ def scale_by_diffgrad(
       An ``optax.GradientTransformation``; its state also holds the previous
       gradient.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_diffgrad()
       >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
@@ -175,7 +176,7 @@ def scale_by_adam_atan2(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_adam_atan2()
       >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))

@@ -79,7 +79,7 @@ def scale_by_adamp(
     Slowdown for Momentum Optimizers on Scale-invariant Weights").
 
     Adam's step, with its radial component removed for weights that look
-    scale-invariant (see :func:`_project_if_scale_invariant`); those weights
+    scale-invariant (see ``_project_if_scale_invariant``); those weights
     also get ``wd_ratio`` times the decoupled weight decay. Because the decay
     depends on the projection, it is part of this block (output:
     ``step + weight_decay * ratio * param``); chain the learning rate after it.
@@ -101,7 +101,7 @@ def scale_by_adamp(
         ``delta / sqrt(d)`` (0.1 as in the paper).
       wd_ratio: the factor on ``weight_decay`` for projected weights, >= 0.
       nesterov: use Nesterov momentum in the step (the paper's option), in
-        Optax's convention (:func:`varjax._base.nesterov_momentum`): with
+        Optax's convention (``varjax._base.nesterov_momentum``): with
         ``delta=0`` and no weight decay this is ``optax.scale_by_adam(nesterov=True)``.
         The official AdamP code divides both terms of the Nesterov momentum by
         ``1 - b1^t``; Optax (and Dozat's NAdam) divide the momentum term by
@@ -114,7 +114,7 @@ def scale_by_adamp(
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_adamp(weight_decay=1e-2),
       ...                  optax.scale_by_learning_rate(1e-3))

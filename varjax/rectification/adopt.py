@@ -31,7 +31,7 @@ from varjax.roles import Role
 
 @roles.declare(count=Role.COUNT, mu=Role.SIGNED, nu=Role.NON_NEGATIVE)
 class ScaleByAdoptState(NamedTuple):
-    """State of :func:`scale_by_adopt`."""
+    """State of [`scale_by_adopt`][varjax.scale_by_adopt]."""
 
     count: jax.Array
     mu: PyTree
@@ -55,7 +55,7 @@ def scale_by_adopt(
     ``m_t = b1 m_{t-1} + (1 - b1) clip(g_t / max(sqrt(v_{t-1}), eps), c_t)``,
     ``v_t = b2 v_{t-1} + (1 - b2) g_t^2``, update ``m_t``. The first step only
     initialises ``v_0 = g_0^2`` and returns a zero update. The same method as
-    :func:`optax.contrib.scale_by_adopt`; it matches Optax run in float64 (in
+    ``optax.contrib.scale_by_adopt``; it matches Optax run in float64 (in
     float32 Optax rounds ``1 - b2`` from a traced ``b2``).
 
     *Clip convention.* ``c_t = t ** clip_exponent`` with ``t`` the number of
@@ -76,7 +76,7 @@ def scale_by_adopt(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.scale_by_adopt()
       >>> updates, state = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))

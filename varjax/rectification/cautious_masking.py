@@ -27,8 +27,8 @@ from varjax.roles import Role
 
 @roles.declare(inner_state=Role.NESTED, shapes=Role.EXACT)
 class CautiousState(NamedTuple):
-    """State of :func:`cautious`: the inner transform's state, and ``shapes``, a
-    :class:`varjax._base.ShapeWitness` (the parameters' tree and shapes as static
+    """State of [`cautious`][varjax.cautious]: the inner transform's state, and ``shapes``, a
+    ``varjax._base.ShapeWitness`` (the parameters' tree and shapes as static
     data: no leaves, no bytes) that the gradient tree is checked against before
     the inner transform sees it."""
 
@@ -58,7 +58,7 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
       An ``optax.GradientTransformationExtraArgs`` that forwards extra
       arguments to ``inner``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.cautious(optax.scale_by_lion()),
       ...                  optax.scale_by_learning_rate(1e-4))

@@ -62,7 +62,7 @@ def rectification(count: jax.Array, b2: Any, threshold: Any) -> tuple[jax.Array,
       ``(r_t, rectified)``: scalars (float32, or float64 under ``jax_enable_x64``);
       ``r_t`` is 0 where not rectified.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> [bool(varjax.rectification(jnp.asarray(t), 0.999, 5.0)[1]) for t in (5, 6)]
       [False, True]
@@ -113,8 +113,8 @@ def scale_by_radam(
     While the variance of the adaptive learning rate is intractable
     (``rho_t < threshold``, the first few steps) the update is the
     bias-corrected momentum; afterwards it is Adam's step times ``r_t``
-    (see :func:`rectification`). The same method and arguments as
-    :func:`optax.scale_by_radam`; it matches Optax run in float64, while
+    (see [`rectification`][varjax.rectification.rectification]). The same method and arguments as
+    ``optax.scale_by_radam``; it matches Optax run in float64, while
     Optax's float32 ``r_t`` is off by up to ~1% in the first rectified steps.
 
     *Threshold convention.* The paper computes the adaptive step when
@@ -140,7 +140,7 @@ def scale_by_radam(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_radam(), optax.scale_by_learning_rate(1e-3))
       >>> params = {"w": jnp.ones(3)}
@@ -174,7 +174,8 @@ def scale_by_radam(
 
 @roles.declare(count=Role.COUNT, inner_state=Role.NESTED, mu=Role.SIGNED)
 class RectifyState(NamedTuple):
-    """State of :func:`rectify`: step count, inner state, fallback momentum (or None)."""
+    """State of [`rectify`][varjax.rectify]: step count, inner state, fallback momentum (or
+    None)."""
 
     count: jax.Array
     inner_state: optax.OptState
@@ -194,9 +195,9 @@ def rectify(
 ) -> optax.GradientTransformationExtraArgs:
     """RAdam's rectification around any adaptive transform.
 
-    The inner transform runs (and updates its state) every step. Once
-    ``rho_t >= threshold`` its update is multiplied by ``r_t``
-    (:func:`rectification`); before that the fallback is used instead:
+    The inner transform runs (and updates its state) every step. Once ``rho_t >= threshold`` its
+    update is multiplied by ``r_t`` ([`rectification`][varjax.rectification.rectification]); before
+    that the fallback is used instead:
 
     * ``"momentum"`` (RAdam's choice): the bias-corrected EMA of the gradient
       with decay ``b1``, kept in this wrapper's state;
@@ -206,7 +207,7 @@ def rectify(
     ``b2`` must be the decay of the inner transform's second-moment EMA: the
     rectification term measures the variance of *that* estimate. With
     ``inner=optax.scale_by_adam(b1, b2)`` and ``fallback="momentum"`` this is
-    RAdam (:func:`scale_by_radam` is the same method without the duplicated
+    RAdam ([`scale_by_radam`][varjax.scale_by_radam] is the same method without the duplicated
     first moment).
 
     Args:
@@ -220,7 +221,7 @@ def rectify(
       An ``optax.GradientTransformationExtraArgs`` that forwards extra args to
       ``inner``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(
       ...     varjax.rectify(varjax.scale_by_diffgrad(b2=0.999), b2=0.999),

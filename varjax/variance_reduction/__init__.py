@@ -1,20 +1,19 @@
 """Variance-reduced momentum: MARS and its relatives.
 
-* :func:`mars_correction` - MARS's scaled gradient correction (Yuan et al., 2024,
-  "MARS: Unleashing the Power of Variance Reduction for Training Large Models",
-  Algorithm 1), a gradient transform to chain in front of any preconditioner,
-  in its approximate (previous batch's gradient) and exact (gradient at the
-  previous parameters on the current batch) forms.
-* :func:`scale_by_mars` - the correction followed by the paper's AdamW, Lion or
-  Shampoo instance; :func:`mars_value_and_grad` computes the two gradients the
-  exact form needs.
-* :func:`scale_by_storm` / :func:`storm` - STORM's recursive momentum (Cutkosky
-  & Orabona, 2019), with the paper's adaptive step size in :func:`storm`.
-* :func:`scale_by_qhm` - quasi-hyperbolic momentum (Ma & Yarats, 2019).
-* :func:`implicit_gradient_transport` / :func:`igt_eval_params` - IGT (Arnold
-  et al., 2019): gradients taken at an extrapolated point, true parameters kept
-  in the state.
-* :func:`multi_momentum` - one momentum buffer per data cluster (Tondji et al.,
+* [`mars_correction`][varjax.mars_correction] - MARS's scaled gradient correction (Yuan et al.,
+  2024, "MARS: Unleashing the Power of Variance Reduction for Training Large Models", Algorithm 1),
+  a gradient transform to chain in front of any preconditioner, in its approximate (previous batch's
+  gradient) and exact (gradient at the previous parameters on the current batch) forms.
+* [`scale_by_mars`][varjax.scale_by_mars] - the correction followed by the paper's AdamW, Lion or
+  Shampoo instance; [`mars_value_and_grad`][varjax.mars_value_and_grad] computes the two gradients
+  the exact form needs.
+* [`scale_by_storm`][varjax.scale_by_storm] / [`storm`][varjax.storm] - STORM's recursive momentum
+  (Cutkosky & Orabona, 2019), with the paper's adaptive step size in [`storm`][varjax.storm].
+* [`scale_by_qhm`][varjax.scale_by_qhm] - quasi-hyperbolic momentum (Ma & Yarats, 2019).
+* [`implicit_gradient_transport`][varjax.implicit_gradient_transport] /
+  [`igt_eval_params`][varjax.igt_eval_params] - IGT (Arnold et al., 2019): gradients taken at an
+  extrapolated point, true parameters kept in the state.
+* [`multi_momentum`][varjax.multi_momentum] - one momentum buffer per data cluster (Tondji et al.,
   2021, "Variance Reduction in Deep Learning: More Momentum is All You Need").
 
 Gradients that the update needs besides the current one arrive as Optax extra
@@ -26,7 +25,7 @@ Each method lives in a module of its own (``mars``, ``recursive_momentum``,
 is imported here, so ``varjax.variance_reduction.scale_by_mars`` and the rest
 work as before.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp, optax, varjax
   >>> tx = optax.chain(varjax.variance_reduction.mars_correction(b1=0.9), optax.sgd(0.1))
   >>> updates, state = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))

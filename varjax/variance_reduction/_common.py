@@ -12,13 +12,14 @@ def previous_gradients(
 ) -> PyTree:
     """The gradient a correction subtracts: supplied (exact) or stored (approximate).
 
-    >>> g = {"w": 1.0}
-    >>> previous_gradients(True, {"previous_grads": {"w": 0.5}}, None, g, "storm")
-    {'w': 0.5}
-    >>> previous_gradients(True, {}, None, g, "storm")
-    Traceback (most recent call last):
-    ...
-    ValueError: storm(exact=True) needs the gradient at the previous parameters ...
+    Examples:
+      >>> g = {"w": 1.0}
+      >>> previous_gradients(True, {"previous_grads": {"w": 0.5}}, None, g, "storm")
+      {'w': 0.5}
+      >>> previous_gradients(True, {}, None, g, "storm")
+      Traceback (most recent call last):
+      ...
+      ValueError: storm(exact=True) needs the gradient at the previous parameters ...
     """
     if not exact:
         return stored

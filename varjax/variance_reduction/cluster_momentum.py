@@ -27,7 +27,8 @@ from varjax.roles import Role
 
 @roles.declare(momenta=Role.SIGNED)
 class MultiMomentumState(NamedTuple):
-    """State of :func:`multi_momentum`: one momentum per cluster, stacked on a leading axis."""
+    """State of [`multi_momentum`][varjax.multi_momentum]: one momentum per cluster, stacked on a
+    leading axis."""
 
     momenta: PyTree
 
@@ -41,13 +42,12 @@ def multi_momentum(
     """One momentum buffer per data cluster (Tondji et al., 2021, "Variance Reduction in
     Deep Learning: More Momentum is All You Need").
 
-    The batch's cluster id ``k`` arrives as the extra argument ``cluster`` (an
-    int, traced or not). Only buffer ``k`` takes the gradient,
-    ``m_k = decay m_k + (1 - decay) g``; the step is built from all buffers,
-    ``(1 - nu) g + nu * sum_j w_j m_j`` (``w`` uniform unless ``weights`` is
-    given, e.g. the clusters' data fractions). ``nu=1`` is SGD with momentum
-    over clusters, ``nu < 1`` QHM; inside :func:`implicit_gradient_transport`
-    (with ``gamma=decay``) it is the paper's IGT combination.
+    The batch's cluster id ``k`` arrives as the extra argument ``cluster`` (an int, traced or not).
+    Only buffer ``k`` takes the gradient, ``m_k = decay m_k + (1 - decay) g``; the step is built
+    from all buffers, ``(1 - nu) g + nu * sum_j w_j m_j`` (``w`` uniform unless ``weights`` is
+    given, e.g. the clusters' data fractions). ``nu=1`` is SGD with momentum over clusters, ``nu <
+    1`` QHM; inside [`implicit_gradient_transport`][varjax.implicit_gradient_transport] (with
+    ``gamma=decay``) it is the paper's IGT combination.
 
     Not yet checked against the paper's algorithm: only its abstract was
     reachable here, so the buffer update (the ``1 - decay`` damping, which buffer
@@ -66,7 +66,7 @@ def multi_momentum(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``cluster``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.multi_momentum(num_clusters=4),
       ...                  optax.scale_by_learning_rate(0.1))

@@ -26,7 +26,8 @@ from varjax.roles import Role
 
 @roles.declare(count=Role.COUNT, true_params=Role.PARAMETERS, inner_state=Role.NESTED)
 class IGTState(NamedTuple):
-    """State of :func:`implicit_gradient_transport`: the true parameters ``theta_t``."""
+    """State of [`implicit_gradient_transport`][varjax.implicit_gradient_transport]: the true
+    parameters ``theta_t``."""
 
     count: jax.Array
     true_params: PyTree
@@ -53,7 +54,7 @@ def implicit_gradient_transport(
     gradients in the average are transported to the current iterate. With
     ``gamma=None`` the decay is the anytime average ``t / (t + 1)`` (extrapolation
     by ``t``); a float gives Heavyball-IGT. Read ``theta`` for evaluation with
-    :func:`igt_eval_params`, as with ``optax.contrib.schedule_free``.
+    [`igt_eval_params`][varjax.igt_eval_params], as with ``optax.contrib.schedule_free``.
 
     Args:
       inner: the full optimizer for the true parameters, learning rate
@@ -67,7 +68,7 @@ def implicit_gradient_transport(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
       ``params`` (the extrapolated point the caller holds).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> gamma = 0.9
       >>> inner = optax.chain(varjax.multi_ema((gamma,), (1.0,), (False,)),
@@ -117,18 +118,20 @@ def implicit_gradient_transport(
 
 
 def igt_eval_params(state: optax.OptState) -> PyTree:
-    """The true parameters ``theta_t`` kept by :func:`implicit_gradient_transport` in ``state``
-    (found anywhere inside chains, ``inject_hyperparams`` or other wrappers).
+    """The true parameters ``theta_t`` kept by
+    [`implicit_gradient_transport`][varjax.implicit_gradient_transport] in ``state`` (found anywhere
+    inside chains, ``inject_hyperparams`` or other wrappers).
 
     Args:
-      state: an optimizer state holding exactly one :class:`IGTState`, e.g.
-        ``igt(...).init(params)`` after some updates, or the pure state of a
-        ``flax.nnx.Optimizer`` (``nnx.as_pure(optimizer.opt_state)``).
+      state: an optimizer state holding exactly one
+        [`IGTState`][varjax.variance_reduction.IGTState], e.g. ``igt(...).init(params)`` after some
+        updates, or the pure state of a ``flax.nnx.Optimizer``
+        (``nnx.as_pure(optimizer.opt_state)``).
 
     Returns:
       The true parameters, a pytree like the parameters.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.igt(0.1)
       >>> params = {"w": jnp.ones(2)}

@@ -43,7 +43,8 @@ NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 
 @roles.declare(count=Role.COUNT, previous_grads=Role.EXACT)
 class MarsCorrectionState(NamedTuple):
-    """State of :func:`mars_correction`; ``previous_grads`` is ``None`` in the exact form."""
+    """State of [`mars_correction`][varjax.mars_correction]; ``previous_grads`` is ``None`` in the
+    exact form."""
 
     count: jax.Array
     previous_grads: PyTree | None
@@ -68,13 +69,13 @@ def mars_correction(
       practice): ``g_prev`` is the previous step's gradient, kept in the state.
     - Exact form (``exact=True``): ``g_prev = grad f(x_{t-1}, xi_t)``, the gradient
       at the previous parameters on the current batch, passed as the extra
-      argument ``previous_grads`` (:func:`mars_value_and_grad` computes it).
+      argument ``previous_grads`` ([`mars_value_and_grad`][varjax.mars_value_and_grad] computes it).
 
     On the first step ``g_prev`` is zero in both forms, as in the official
     code. The clip is per tensor (``norm_scope="tensor"``) as in the official
     code and pytorch-optimizer; ``"global"`` takes one norm over the whole tree,
     which is the paper's formula read literally. ``gamma`` may be a schedule
-    (the paper's ``gamma_t``). :func:`scale_by_mars` writes the stored gradient
+    (the paper's ``gamma_t``). [`scale_by_mars`][varjax.scale_by_mars] writes the stored gradient
     after its moments, in place in a donated state; chained by hand, the
     correction cannot see the next transform's moments, and XLA may copy the
     old gradient first (on CPU, one extra parameter-sized buffer a step).
@@ -86,8 +87,8 @@ def mars_correction(
         official code; 0: ``c_t = g_t``).
       exact: take ``g_prev`` from the extra argument ``previous_grads``;
         ``False`` (default): the previous step's gradient, kept in the state.
-      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
-        > 0; ``None``: no clip.
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds
+        it, > 0; ``None``: no clip.
       norm_scope: ``"tensor"`` (default): one norm per leaf; ``"global"``: one
         norm over the tree.
 
@@ -95,7 +96,7 @@ def mars_correction(
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes
       ``previous_grads`` when ``exact=True``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.mars_correction(b1=0.9), optax.lion(1e-4, b1=0.9))
       >>> state = tx.init({"w": jnp.zeros(3)})
@@ -206,14 +207,14 @@ def scale_by_mars(
     amsgrad: bool = False,
     ns_steps: int = 5,
 ) -> optax.GradientTransformationExtraArgs:
-    """MARS (Yuan et al., 2024): :func:`mars_correction` followed by one of the paper's
-    preconditioners, applied to the corrected gradient ``c_t``
-    (``m_t = b1 m + (1 - b1) c_t``).
+    """MARS (Yuan et al., 2024): [`mars_correction`][varjax.mars_correction] followed by one of the
+    paper's preconditioners, applied to the corrected gradient ``c_t`` (``m_t = b1 m + (1 - b1)
+    c_t``).
 
     - ``"adamw"``: ``m_hat / (sqrt(v_hat) + eps)`` with ``v_t = b2 v + (1 - b2) c_t^2``
       (the official code's second moment is that of ``c_t``, not of ``g_t``).
     - ``"lion"``: ``sign(m_t)``, one momentum (not Lion's two betas; see
-      :func:`mars_correction` to put the correction in front of ``optax.lion``).
+      [`mars_correction`][varjax.mars_correction] to put the correction in front of ``optax.lion``).
     - ``"shampoo"``: for matrices, ``U V^T`` of ``m_t / (1 - b1)`` by ``ns_steps``
       quintic Newton-Schulz iterations (coefficients 3.4445, -4.7750, 2.0315,
       as the official code; computed in float32 where the official code uses
@@ -233,8 +234,8 @@ def scale_by_mars(
       preconditioner: ``"adamw"`` (default), ``"lion"`` or ``"shampoo"``.
       exact: the exact form, with ``previous_grads`` passed to ``update``;
         ``False`` (default): the approximate form.
-      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds it,
-        > 0; ``None``: no clip.
+      max_norm: ``c_t`` is rescaled to this norm where its norm exceeds
+        it, > 0; ``None``: no clip.
       norm_scope: ``"tensor"`` (default): one norm per leaf; ``"global"``: one
         norm over the tree.
       amsgrad: use the running maximum of the bias-corrected second moment.
@@ -243,7 +244,7 @@ def scale_by_mars(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_mars(preconditioner="lion"),
       ...                  optax.scale_by_learning_rate(3e-4))
@@ -294,7 +295,7 @@ def mars_value_and_grad(
     Returns:
       The jitted ``f(params, previous_params, *args, **kwargs)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, varjax
       >>> def loss(p, x, y):
       ...     return jnp.mean((x @ p["w"] - y) ** 2)

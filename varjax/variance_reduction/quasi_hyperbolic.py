@@ -25,7 +25,7 @@ from varjax.roles import Role
 
 @roles.declare(momentum=Role.SIGNED)
 class QHMState(NamedTuple):
-    """State of :func:`scale_by_qhm`: the momentum buffer."""
+    """State of [`scale_by_qhm`][varjax.scale_by_qhm]: the momentum buffer."""
 
     momentum: PyTree
 
@@ -45,7 +45,7 @@ def scale_by_qhm(b: float = 0.999, nu: float = 0.7) -> optax.GradientTransformat
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_qhm(), optax.scale_by_learning_rate(1.0))
       >>> state = tx.init({"w": jnp.zeros(3)})

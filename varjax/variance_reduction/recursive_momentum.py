@@ -31,7 +31,7 @@ from varjax.variance_reduction._common import previous_gradients
 
 @roles.declare(count=Role.COUNT, direction=Role.SIGNED, previous_grads=Role.EXACT)
 class StormState(NamedTuple):
-    """State of :func:`scale_by_storm`.
+    """State of [`scale_by_storm`][varjax.scale_by_storm].
 
     ``direction`` is ``d_{t-1}``; ``previous_grads`` the stored gradient of the
     approximate form (``None`` in the exact form).
@@ -50,8 +50,9 @@ class StormState(NamedTuple):
     step_size=Role.EXACT,
 )
 class AdaptiveStormState(NamedTuple):
-    """State of :func:`storm`: :class:`StormState`'s fields and the adaptive step's
-    running ``sum G_i^2`` (``squared_norms``) and ``eta_{t-1}`` (``step_size``)."""
+    """State of [`storm`][varjax.storm]: [`StormState`][varjax.variance_reduction.StormState]'s
+    fields and the adaptive step's running ``sum G_i^2`` (``squared_norms``) and ``eta_{t-1}``
+    (``step_size``)."""
 
     count: jax.Array
     direction: PyTree
@@ -91,7 +92,7 @@ def _storm(
 def _stored_gradient(
     updates: PyTree, state: StormState | AdaptiveStormState, direction: PyTree, exact: bool
 ) -> PyTree | None:
-    """The approximate form's next ``g_prev``, written after ``d_t`` (:func:`store_after`)."""
+    """The approximate form's next ``g_prev``, written after ``d_t`` (``store_after``)."""
     if exact:
         return None
     return store_after(cast_like(updates, state.previous_grads), state.count, direction)
@@ -120,7 +121,7 @@ def scale_by_storm(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, varjax
       >>> tx = optax.chain(varjax.scale_by_storm(0.1), optax.scale_by_learning_rate(0.01))
       >>> params = {"w": jnp.ones(3)}
@@ -171,7 +172,7 @@ def storm(
       An ``optax.GradientTransformationExtraArgs`` whose updates include the
       step size and sign (apply them directly).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, varjax
       >>> tx = varjax.storm(k=0.1)
       >>> params = {"w": jnp.ones(3)}
