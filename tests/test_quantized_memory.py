@@ -5,23 +5,23 @@
   issue's margin over parameters + gradients + state): the inner state's zeros are
   made inside the quantizing loop, never as float32 arrays. Measured: at most 0.03
   bytes per parameter (one leaf's absmax), 0 on the 138-leaf tree.
-- A donated step (update + ``apply_updates`` in one jit) on CPU allocates at most
-  one float32 buffer per quantized moment, for one large leaf and for the 138 leaves
-  of ``benchmarks/step_time.py``'s transformer shapes: XLA:CPU fuses no reduction
-  with what computes its operand, so each new moment is written once for its block
-  absmax and read again by the encoding. This is a regression bound, not the
-  issue's goal of 5% over params + grads + state: on CPU the step stays at
-  about 4 bytes per parameter per moment (Lion: 8 for its one moment). Measured
-  (temp bytes / parameter, one 4096x4096 leaf and 138 leaves at width 128): 8-bit
-  AdamW 8.09 and 8.11, Lion 8.03 and 8.04, AdEMAMix 12.14 and 12.16, 4-bit AdamW
-  8.19 and 8.15. Compiling a 138-leaf step takes a minute or two on a loaded 2-core
-  machine, so that tree covers 8-bit AdamW; the large leaf covers all. Before
-  the encoding took a separately computed absmax these were the same; the two-pass
-  update that is meant to remove them (off the CPU) made them 24.0 here for 8-bit
-  AdamW at 4096x4096.
-- The two-pass update, forced on CPU, stores the same codes as the one-pass update,
-  and absmax and parameters equal to a few float32 ulps (the two passes compute the
-  moments in differently fused kernels).
+- A donated step (update + ``apply_updates`` in one jit) on CPU holds no float32
+  moment of a whole leaf: for an elementwise inner transform the first pass runs a
+  block of rows at a time (``varjax.quantization.leafwise``), and what the step
+  allocates is the new codes, kept beside the old ones until the whole step is
+  known to be finite, and copies XLA makes of the old codes. The bound: at most
+  twice the bytes of the quantized codes, plus 5% of the parameter bytes. Measured
+  (temp bytes / parameter, one 1024x1024 leaf; codes in brackets): 8-bit AdamW
+  2.53 [2], 4-bit AdamW 1.57 [1], 8-bit Lion 1.27 [1], 4-bit Lion 0.78 [0.5],
+  8-bit AdEMAMix 3.80 [3], 4-bit AdEMAMix 2.35 [1.5]; 8-bit AdamW on the 138
+  leaves 2.68; on step_time.py's 18.5M tree (58 leaves) 2.49 and at 251M (138
+  leaves) 2.55, where the whole-leaf update of before held 8.10 (one float32
+  buffer per moment: XLA:CPU fuses no reduction with what computes its operand).
+  Adafactor's factored moment is not elementwise, so it keeps the whole-leaf path:
+  one float32 buffer, the new full-size update it keeps for clipping.
+- The update of the GPU (two whole-leaf passes), the CPU's chunked first pass and
+  the one-pass update store the same codes, and absmax and parameters equal to a
+  few float32 ulps (the passes compute the moments in differently fused kernels).
 """
 
 from __future__ import annotations
@@ -42,24 +42,24 @@ from varjax.quantization import QuantizedArray, quantize_state, wrapper
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 from step_time import transformer_shapes
 
-# (name, optimizer, float32 buffers of a leaf's size its CPU step allocates)
+# (name, optimizer, bytes of quantized codes per parameter; None: not elementwise)
 OPTIMIZERS = [
-    ("adam_8bit", lambda: varjax.adam_8bit(1e-3), 2),
-    ("adam_4bit", lambda: varjax.adam_4bit(1e-3), 2),
-    ("adamw_8bit", lambda: varjax.adamw_8bit(1e-3), 2),
-    ("adamw_4bit", lambda: varjax.adamw_4bit(1e-3), 2),
-    ("lion_8bit", lambda: varjax.lion_8bit(1e-4), 2),  # one moment, two buffers (measured)
-    ("lion_4bit", lambda: varjax.lion_4bit(1e-4), 2),
-    ("ademamix_8bit", lambda: varjax.ademamix_8bit(1e-3), 3),
-    ("ademamix_4bit", lambda: varjax.ademamix_4bit(1e-3), 3),
+    ("adam_8bit", lambda: varjax.adam_8bit(1e-3), 2.0),
+    ("adam_4bit", lambda: varjax.adam_4bit(1e-3), 1.0),
+    ("adamw_8bit", lambda: varjax.adamw_8bit(1e-3), 2.0),
+    ("adamw_4bit", lambda: varjax.adamw_4bit(1e-3), 1.0),
+    ("lion_8bit", lambda: varjax.lion_8bit(1e-4), 1.0),
+    ("lion_4bit", lambda: varjax.lion_4bit(1e-4), 0.5),
+    ("ademamix_8bit", lambda: varjax.ademamix_8bit(1e-3), 3.0),
+    ("ademamix_4bit", lambda: varjax.ademamix_4bit(1e-3), 1.5),
     (
         "quantize_state(scale_by_adam)",
         lambda: optax.chain(quantize_state(optax.scale_by_adam()), optax.scale(-1e-3)),
-        2,
+        2.0,
     ),
-    # a factored second moment: its row and column factors are small; the one
-    # float32 buffer is the new full-size update it keeps for clipping
-    ("quantize_state(adafactor)", lambda: quantize_state(optax.adafactor(1e-3)), 1),
+    # a factored second moment: its row and column factors are small; the whole-leaf
+    # path keeps one float32 buffer, the new full-size update it keeps for clipping
+    ("quantize_state(adafactor)", lambda: quantize_state(optax.adafactor(1e-3)), None),
 ]
 IDS = [name for name, _, _ in OPTIMIZERS]
 
@@ -83,42 +83,49 @@ def param_bytes(params) -> int:
     return sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize(("name", "make", "moments"), OPTIMIZERS, ids=IDS)
-def test_jitted_init_makes_no_float32_state(name, make, moments) -> None:
+@pytest.mark.parametrize(("name", "make", "code_bytes"), OPTIMIZERS, ids=IDS)
+def test_jitted_init_makes_no_float32_state(name, make, code_bytes) -> None:
     params = large_leaf()
     compiled = jax.jit(make().init).lower(params).compile()
     assert compiled.memory_analysis().temp_size_in_bytes <= 0.05 * param_bytes(params)
 
 
-@pytest.mark.parametrize(("name", "make", "moments"), OPTIMIZERS[2:4], ids=IDS[2:4])
-def test_jitted_init_makes_no_float32_state_138_leaves(name, make, moments) -> None:
+@pytest.mark.parametrize(("name", "make", "code_bytes"), OPTIMIZERS[2:4], ids=IDS[2:4])
+def test_jitted_init_makes_no_float32_state_138_leaves(name, make, code_bytes) -> None:
     params = transformer_leaves()
     compiled = jax.jit(make().init).lower(params).compile()
     assert compiled.memory_analysis().temp_size_in_bytes <= 0.05 * param_bytes(params)
 
 
-@pytest.mark.parametrize(("name", "make", "moments"), OPTIMIZERS, ids=IDS)
-def test_step_temporaries_one_large_leaf(name, make, moments) -> None:
-    """At most one float32 buffer per quantized moment (Lion: two), plus 10% of the
-    parameter bytes for the per-block vectors and small leaves (measured: 2.3% for
-    8-bit and 4.6% for 4-bit AdamW, 6.9% for 4-bit AdEMAMix)."""
+def step_bound(code_bytes: float | None, params) -> float:
+    """Twice the quantized codes' bytes plus 5% of the parameter bytes (see the module
+    docstring); for a transform that is not elementwise, one float32 buffer a
+    parameter plus 10%."""
+    n = param_bytes(params) / 4
+    if code_bytes is None:
+        return (1 + 0.1) * param_bytes(params)
+    return 2 * code_bytes * n + 0.05 * param_bytes(params)
+
+
+@pytest.mark.parametrize(("name", "make", "code_bytes"), OPTIMIZERS, ids=IDS)
+def test_step_temporaries_one_large_leaf(name, make, code_bytes) -> None:
     params = large_leaf()
     tx = make()
     lowered = donating_train_step(tx).lower(params, jax.eval_shape(tx.init, params), params)
     temporaries = lowered.compile().memory_analysis().temp_size_in_bytes
-    assert temporaries <= (moments + 0.1) * param_bytes(params)
+    assert temporaries <= step_bound(code_bytes, params)
 
 
 # one optimizer: a 138-leaf step takes 15 s of CPU to compile (the large leaf covers all)
-@pytest.mark.parametrize(("name", "make", "moments"), OPTIMIZERS[2:3], ids=IDS[2:3])
-def test_step_temporaries_138_leaves(name, make, moments) -> None:
-    """As above on 138 leaves: the bound is per moment over all the parameter bytes,
-    so moments of different leaves may not all be live at once beyond one buffer each."""
+@pytest.mark.parametrize(("name", "make", "code_bytes"), OPTIMIZERS[2:3], ids=IDS[2:3])
+def test_step_temporaries_138_leaves(name, make, code_bytes) -> None:
+    """As above on 138 leaves: the bound is over all the parameter bytes, so the leaves'
+    chunked passes may not hold their temporaries all at once."""
     params = transformer_leaves()
     tx = make()
     lowered = donating_train_step(tx).lower(params, jax.eval_shape(tx.init, params), params)
     temporaries = lowered.compile().memory_analysis().temp_size_in_bytes
-    assert temporaries <= (moments + 0.1) * param_bytes(params)
+    assert temporaries <= step_bound(code_bytes, params)
 
 
 def test_concrete_params_match_the_abstract_measure() -> None:
@@ -141,9 +148,9 @@ def test_concrete_params_match_the_abstract_measure() -> None:
     ],
     ids=["adamw_8bit", "adamw_4bit", "ademamix_8bit", "lion_8bit_stochastic"],
 )
-def test_two_pass_update_stores_the_same_codes(make, monkeypatch) -> None:
-    """One step from a trained state with the update of the GPU (two passes) and of
-    the CPU (one pass): identical codes; absmax and new parameters within a few float32
+def test_two_pass_update_stores_the_same_codes(make, monkeypatch, request) -> None:
+    """One step from a trained state with the update of the GPU (two whole-leaf passes)
+    and the one-pass update: identical codes; absmax and new parameters within a few float32
     ulps of their magnitude, since the two compute the moments in different kernels
     (measured: 1 of 128 absmax and 0.2% of parameters differed, in the last bit)."""
     params = {
@@ -160,8 +167,10 @@ def test_two_pass_update_stores_the_same_codes(make, monkeypatch) -> None:
         _, state = full(params, state, grads)
     grads = jax.tree.map(lambda x: 3.0 * jax.random.normal(jax.random.key(99), x.shape), params)
     results = []
+    monkeypatch.setattr(wrapper, "_CHUNKED", False)
     for two in (False, True):
         monkeypatch.setattr(wrapper, "_TWO_PASSES", two)
+        jax.clear_caches()
         update = jax.jit(lambda p, s, g: tx.update(g, s, p))  # a new trace per setting
         updates, new_state = update(params, state, grads)
         results.append((optax.apply_updates(params, updates), new_state))
@@ -172,7 +181,15 @@ def test_two_pass_update_stores_the_same_codes(make, monkeypatch) -> None:
     assert len(qa) == len(qb) > 0
     ulps = 4 * np.finfo(np.float32).eps
     for a, b in zip(qa, qb, strict=True):
-        np.testing.assert_array_equal(a.codes, b.codes)
+        if "stochastic" in request.node.name:
+            # a draw compared with a fraction that differs by an ulp of the moment can
+            # go the other way: near zero, where the map's gaps are ~1e-6 of the
+            # absmax, an ulp is a visible part of a gap (measured: 1 of 210,000)
+            differ = np.asarray(a.codes) != np.asarray(b.codes)
+            assert differ.mean() <= 1e-4
+            assert np.all(np.abs(a.codes.astype(int) - b.codes.astype(int))[differ] == 1)
+        else:
+            np.testing.assert_array_equal(a.codes, b.codes)
         np.testing.assert_allclose(a.absmax, b.absmax, rtol=ulps, atol=0)
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
         scale = float(jnp.max(jnp.abs(a)))

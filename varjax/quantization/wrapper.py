@@ -16,7 +16,9 @@ import optax
 
 from varjax import roles as roles_lib
 from varjax._base import check_integer, check_same_structure, shape_witness
+from varjax.quantization import leafwise
 from varjax.quantization.blockwise import (
+    _blocks,
     block_absmax,
     dequantize_blockwise,
     pack_4bit,
@@ -252,6 +254,13 @@ def _encode_leaf(
     )
     if old.bits == 4:
         codes = pack_4bit(codes)
+    return _selected(old, absmax, codes, finite)
+
+
+def _selected(
+    old: QuantizedArray, absmax: jax.Array, codes: jax.Array, finite: jax.Array
+) -> QuantizedArray:
+    """``old`` with the new ``absmax`` and ``codes`` where ``finite``, as it was where not."""
     codes = jnp.where(finite, codes, old.codes)
     absmax = jnp.where(finite, absmax, old.absmax)
     return dataclasses.replace(old, codes=codes, absmax=absmax)
@@ -284,6 +293,26 @@ def _use_two_passes() -> bool:
     return jax.default_backend() != "cpu" if _TWO_PASSES is None else _TWO_PASSES
 
 
+# Whether update_fn's first pass runs in chunks of rows (`_chunked_first_pass`) for an
+# elementwise inner transform; ``None``: on a CPU with one device. (Over several devices
+# a chunk's dynamic slice of a sharded leaf would gather it; on a GPU, XLA fuses the
+# whole-leaf first pass into one reduction kernel, which a loop of chunks only slows.)
+_CHUNKED: bool | None = None
+# Whether the first pass reduces the quantized leaves of one shape together
+# (`_joint_absmax`); ``None``: off the CPU.
+_JOINT_ABSMAX: bool | None = None
+
+
+def _use_joint_absmax() -> bool:
+    return jax.default_backend() != "cpu" if _JOINT_ABSMAX is None else _JOINT_ABSMAX
+
+
+def _use_chunks() -> bool:
+    if _CHUNKED is None:
+        return jax.default_backend() == "cpu" and jax.device_count() == 1
+    return _CHUNKED
+
+
 def _leaves_with_stored(stored: PyTree, new: PyTree) -> tuple[list, list, Any]:
     """The leaves of a new inner state (a Flax NNX ``Variable`` counts as one), the stored leaves at
     the same places (a [`QuantizedArray`][varjax.quantization.QuantizedArray] where the leaf is kept
@@ -305,10 +334,205 @@ def _new_absmax(codec: _Codec, stored: PyTree, new: PyTree) -> list[jax.Array | 
     computes them a second time to encode them (``_encode``).
     """
     leaves, stored_leaves, _ = _leaves_with_stored(stored, new)
-    return [
-        _absmax_leaf(codec.block_size, _value(x)) if isinstance(old, QuantizedArray) else None
-        for x, old in zip(leaves, stored_leaves, strict=True)
+    absmax: list[jax.Array | None] = [None] * len(leaves)
+    same_shape: dict[tuple, list[int]] = {}
+    for i, old in enumerate(stored_leaves):
+        if isinstance(old, QuantizedArray):
+            same_shape.setdefault(tuple(old.shape), []).append(i)
+    for positions in same_shape.values():
+        if len(positions) > 1 and _use_joint_absmax():
+            values = tuple(_value(leaves[i]) for i in positions)
+            for i, a in zip(positions, _joint_absmax(codec.block_size, values), strict=True):
+                absmax[i] = a
+        else:
+            for i in positions:
+                absmax[i] = _absmax_leaf(codec.block_size, _value(leaves[i]))
+    return absmax
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _joint_absmax(block_size: int, values: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """The block absmax of arrays of one shape in one variadic reduction: one kernel that
+    reads what computes them (the gradient, the stored codes) once, where a reduction per
+    array reads it once each."""
+    blocks = tuple(
+        jnp.abs(_blocks(jnp.atleast_1d(v).astype(jnp.float32), block_size)) for v in values
+    )
+    axis = blocks[0].ndim - 1
+    return jax.lax.reduce(
+        blocks,
+        tuple(jnp.float32(0) for _ in blocks),
+        lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b, strict=True)),
+        (axis,),
+    )
+
+
+# Elements of a leaf whose new moments the chunked first pass holds at once (256 KiB of
+# float32 per moment): small enough for a core's cache, large enough that the loop's
+# per-chunk overhead stays small.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """``x`` as a 2-D array of its rows (the last axis kept): the block layout's view."""
+    return x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
+
+
+def _chunked_first_pass(
+    codec: _Codec, inner: optax.GradientTransformationExtraArgs, inputs: tuple, encode: bool
+) -> list[tuple[jax.Array, jax.Array | None] | None] | None:
+    """The block absmax of each quantized leaf of the new inner state (``None`` for the
+    other leaves), and with ``encode`` its new codes, computed a block of rows at a time
+    for an elementwise ``inner``; ``None`` where ``inner`` is not elementwise (a
+    global-norm clip, a factored moment).
+
+    The inner update is traced and split into one program per parameter leaf
+    ([`leafwise`][varjax.quantization.leafwise]); each leaf with quantized moments
+    then runs in a loop over chunks of about `_CHUNK_ELEMENTS` elements, decoding the
+    chunk's state, computing its new moments and keeping their block absmax (and
+    codes). Its full-precision new moments never exist at once: XLA:CPU, which fuses
+    no reduction with what computes its operand, writes them whole otherwise.
+    """
+    grads, stored, params, extra_args = inputs
+    is_quantized = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
+    expanded = jax.eval_shape(functools.partial(_expand, codec), stored)
+
+    # extra arguments that are no arrays (a loss function for a line search) are fixed
+    extra_leaves, extra_tree = jax.tree.flatten(extra_args)
+    is_array = [isinstance(x, jax.Array | np.ndarray | np.generic) for x in extra_leaves]
+    arrays = [x for x, a in zip(extra_leaves, is_array, strict=True) if a]
+
+    def update(grads, state, params, arrays):
+        given = iter(arrays)
+        leaves = [next(given) if a else x for x, a in zip(extra_leaves, is_array, strict=True)]
+        return inner.update(grads, state, params, **jax.tree.unflatten(extra_tree, leaves))
+
+    closed, out_tree = leafwise.trace(update, grads, expanded, params, arrays)
+    found = leafwise.split(closed)
+    if found is None:
+        return None
+    stored_flat = jax.tree.leaves(stored, is_leaf=is_quantized)
+    n_grads = len(jax.tree.leaves(grads))
+    # flat inputs as the trace saw them: a quantized scalar is decoded, since the
+    # scalar equations read it; the others are decoded a chunk at a time
+    flat = jax.tree.leaves((grads, None, params, arrays))
+    state_flat = [
+        _expand_leaf(codec, x) if is_quantized(x) and not x.shape else x for x in stored_flat
     ]
+    flat = flat[:n_grads] + state_flat + flat[n_grads:]
+    scalars = leafwise.evaluate_scalars(found, flat)
+    n_updates = out_tree.children()[0].num_leaves
+    stored_outputs = out_tree.children()[1].flatten_up_to(stored)
+    by_group: dict[int, list[int]] = {}
+    for k, old in enumerate(stored_outputs):
+        if not is_quantized(old):
+            continue
+        group = found.group_of_output(n_updates + k)
+        if group is None or group.shape != old.shape or not old.shape:
+            return None
+        by_group.setdefault(id(group), []).append(k)
+    groups = {id(g): g for g in found.groups}
+    result: list[tuple[jax.Array, jax.Array | None] | None] = [None] * len(stored_outputs)
+    for key, ks in by_group.items():
+        chunked = _ChunkedLeaf(codec, found, groups[key], scalars, flat, n_grads, stored_flat)
+        outputs = chunked.run([n_updates + k for k in ks], [stored_outputs[k] for k in ks], encode)
+        for k, value in zip(ks, outputs, strict=True):
+            result[k] = value
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkedLeaf:
+    """One parameter leaf's program ([`Group`][varjax.quantization.leafwise.Group]) run
+    over chunks of rows of its leaf, seen as ``(rows, width)``."""
+
+    codec: _Codec
+    found: leafwise.Split
+    group: leafwise.Group
+    scalars: dict
+    flat: list
+    n_grads: int
+    stored_flat: list
+
+    @property
+    def rows_width(self) -> tuple[int, int]:
+        shape = self.group.shape
+        return (int(np.prod(shape[:-1])), shape[-1]) if len(shape) >= 2 else (1, shape[0])
+
+    def inputs(self, start: jax.Array, rows: int) -> dict[int, jax.Array]:
+        """The group's inputs at rows ``start`` to ``start + rows``, decoded."""
+        width = self.rows_width[1]
+        values = {}
+        for i in self.group.inputs:
+            stored = i - self.n_grads
+            old = self.stored_flat[stored] if 0 <= stored < len(self.stored_flat) else None
+            if isinstance(old, QuantizedArray):
+                part = dataclasses.replace(
+                    old,
+                    codes=jax.lax.dynamic_slice_in_dim(_rows(old.codes), start, rows),
+                    absmax=jax.lax.dynamic_slice_in_dim(_rows(old.absmax), start, rows),
+                    shape=(rows, width),
+                )
+                values[i] = _expand_leaf(self.codec, part)
+            else:
+                values[i] = jax.lax.dynamic_slice_in_dim(_rows(self.flat[i]), start, rows)
+        return values
+
+    def chunk(self, start, rows, outputs, olds, encode):
+        width = self.rows_width[1]
+        new = leafwise.evaluate_group(
+            self.found, self.group, self.scalars, self.inputs(start, rows), (rows, width)
+        )
+        out = []
+        for j, old in zip(outputs, olds, strict=True):
+            absmax = _absmax_leaf(self.codec.block_size, new[j])
+            out.append(absmax)
+            if encode:
+                out.append(_codes_leaf(self.codec, new[j], old.signed, old.bits, absmax))
+        return out
+
+    def run(self, outputs, olds, encode):
+        """``(absmax, codes or None)`` of each of ``outputs`` (flat output positions;
+        ``olds``: their stored arrays), shaped as stored."""
+        n_rows, width = self.rows_width
+        # at least two chunks where there are two rows: XLA then runs the leaf inside a
+        # loop, whose body holds its temporaries, rather than interleaving leaves
+        rows = max(1, min(-(-n_rows // 2), _CHUNK_ELEMENTS // max(width, 1)))
+        n_chunks = -(-n_rows // rows)
+        if n_chunks == 1:
+            parts = self.chunk(0, n_rows, outputs, olds, encode)
+        else:
+
+            def body(c, carry):
+                # the last chunk is moved back to end at the last row: it computes some
+                # rows again, which write the same values, rather than read past the end
+                start = jnp.minimum(c * rows, n_rows - rows)
+                new = self.chunk(start, rows, outputs, olds, encode)
+                return [
+                    jax.lax.dynamic_update_slice_in_dim(full, part, start, 0)
+                    for full, part in zip(carry, new, strict=True)
+                ]
+
+            empty = []
+            for old in olds:
+                empty.append(jnp.zeros_like(_rows(old.absmax)))
+                if encode:
+                    empty.append(jnp.zeros_like(_rows(old.codes)))
+            parts = jax.lax.fori_loop(0, n_chunks, body, empty)
+        step = 2 if encode else 1
+        return [
+            (
+                parts[step * n].reshape(old.absmax.shape),
+                parts[step * n + 1].reshape(old.codes.shape) if encode else None,
+            )
+            for n, old in enumerate(olds)
+        ]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _codes_leaf(codec: _Codec, x: jax.Array, signed: bool, bits: int, absmax: jax.Array):
+    codes, _ = quantize_blockwise(x, codec.code(signed), codec.block_size, absmax=absmax)
+    return pack_4bit(codes) if bits == 4 else codes
 
 
 def _encode(
@@ -332,6 +556,53 @@ def _encode(
         leaf_key = None if key is None else jax.random.fold_in(key, i)
         out.append(_encode_leaf(codec, _value(x), old, amax, finite, leaf_key))
     return jax.tree.unflatten(treedef, out)
+
+
+def _whole_leaf_step(
+    codec: _Codec, step: Callable, inputs: tuple, key: jax.Array | None
+) -> tuple[PyTree, PyTree, jax.Array]:
+    """The updates, the new stored state and the finite flag, each leaf computed whole."""
+    updates, stored = inputs[0], inputs[1]
+    out, new_inner = step(inputs)
+    absmax = _new_absmax(codec, stored, new_inner)
+    finite = all_finite(updates) & _all_absmax_finite([a for a in absmax if a is not None])
+    if _use_two_passes():
+        # Two passes over the same inputs, so that the full-precision new state is never
+        # stored: the first keeps only the new absmax of each quantized leaf, the second,
+        # on inputs behind a barrier (so that XLA does not merge the two), computes the
+        # state again and encodes it with that absmax.
+        inputs, absmax, finite = _barrier((inputs, absmax, finite))
+        out, new_inner = step(inputs)
+    return out, _encode(codec, inputs[1], new_inner, absmax, finite, key), finite
+
+
+def _chunked_step(
+    codec: _Codec, step: Callable, inputs: tuple, first: list, key: jax.Array | None
+) -> tuple[PyTree, PyTree, jax.Array]:
+    """As `_whole_leaf_step`, after `_chunked_first_pass` gave the quantized leaves'
+    new absmax (``first``), and their new codes unless ``key`` asks for stochastic
+    rounding."""
+    absmax = [None if f is None else f[0] for f in first]
+    finite = all_finite(inputs[0]) & _all_absmax_finite([a for a in absmax if a is not None])
+    inputs, first, absmax, finite = _barrier((inputs, first, absmax, finite))
+    out, new_inner = step(inputs)
+    if key is not None:
+        # stochastic rounding draws over a whole leaf: the new state is computed whole
+        # again, from a copy of the inputs of its own, so that each decoded moment has
+        # one reader (the updates' kernel or this one), into which XLA:CPU fuses its
+        # table lookup instead of writing it out
+        _, new_inner = step(_barrier(inputs))
+        return out, _encode(codec, inputs[1], new_inner, absmax, finite, key), finite
+    # the new state's quantized leaves are the first pass's codes (XLA drops the
+    # computation of their float32 values here); the others are taken as computed
+    leaves, stored_leaves, treedef = _leaves_with_stored(inputs[1], new_inner)
+    kept = [
+        jax.tree.map(lambda n, o: jnp.where(finite, n, o), x, old)
+        if f is None
+        else _selected(old, f[0], f[1], finite)
+        for x, old, f in zip(leaves, stored_leaves, first, strict=True)
+    ]
+    return out, jax.tree.unflatten(treedef, kept), finite
 
 
 def _barrier(tree: PyTree) -> PyTree:
@@ -555,17 +826,13 @@ def quantize_state(
             return jax.tree.map(lambda o, g: o.astype(g.dtype), out, grads), new_inner
 
         inputs = (updates, state.inner_state, params, extra_args)
-        out, new_inner = step(inputs)
-        absmax = _new_absmax(codec, state.inner_state, new_inner)
-        finite = all_finite(updates) & _all_absmax_finite([a for a in absmax if a is not None])
-        if _use_two_passes():
-            # Two passes over the same inputs, so that the full-precision new state is
-            # never stored: the first keeps only the new absmax of each quantized leaf,
-            # the second, on inputs behind a barrier (so that XLA does not merge the two),
-            # computes the state again and encodes it with that absmax.
-            inputs, absmax, finite = _barrier((inputs, absmax, finite))
-            out, new_inner = step(inputs)
-        inner_state = _encode(codec, inputs[1], new_inner, absmax, finite, rounding_key)
+        first = None
+        if _use_chunks():
+            first = _chunked_first_pass(codec, inner, inputs, encode=state.key is None)
+        if first is None:
+            out, inner_state, finite = _whole_leaf_step(codec, step, inputs, rounding_key)
+        else:
+            out, inner_state, finite = _chunked_step(codec, step, inputs, first, rounding_key)
         # a select rather than lax.cond: XLA then fuses the step with what follows (on an
         # H200 at 251M, 5.14 ms a step against 5.99 ms)
         out = jax.tree.map(lambda o: jnp.where(finite, o, jnp.zeros_like(o)), out)
