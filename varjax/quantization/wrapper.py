@@ -18,7 +18,6 @@ from varjax import roles as roles_lib
 from varjax._base import check_integer, check_same_structure, shape_witness
 from varjax.quantization import leafwise
 from varjax.quantization.blockwise import (
-    _blocks,
     block_absmax,
     dequantize_blockwise,
     pack_4bit,
@@ -298,13 +297,6 @@ def _use_two_passes() -> bool:
 # a chunk's dynamic slice of a sharded leaf would gather it; on a GPU, XLA fuses the
 # whole-leaf first pass into one reduction kernel, which a loop of chunks only slows.)
 _CHUNKED: bool | None = None
-# Whether the first pass reduces the quantized leaves of one shape together
-# (`_joint_absmax`); ``None``: off the CPU.
-_JOINT_ABSMAX: bool | None = None
-
-
-def _use_joint_absmax() -> bool:
-    return jax.default_backend() != "cpu" if _JOINT_ABSMAX is None else _JOINT_ABSMAX
 
 
 def _use_chunks() -> bool:
@@ -334,37 +326,10 @@ def _new_absmax(codec: _Codec, stored: PyTree, new: PyTree) -> list[jax.Array | 
     computes them a second time to encode them (``_encode``).
     """
     leaves, stored_leaves, _ = _leaves_with_stored(stored, new)
-    absmax: list[jax.Array | None] = [None] * len(leaves)
-    same_shape: dict[tuple, list[int]] = {}
-    for i, old in enumerate(stored_leaves):
-        if isinstance(old, QuantizedArray):
-            same_shape.setdefault(tuple(old.shape), []).append(i)
-    for positions in same_shape.values():
-        if len(positions) > 1 and _use_joint_absmax():
-            values = tuple(_value(leaves[i]) for i in positions)
-            for i, a in zip(positions, _joint_absmax(codec.block_size, values), strict=True):
-                absmax[i] = a
-        else:
-            for i in positions:
-                absmax[i] = _absmax_leaf(codec.block_size, _value(leaves[i]))
-    return absmax
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _joint_absmax(block_size: int, values: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """The block absmax of arrays of one shape in one variadic reduction: one kernel that
-    reads what computes them (the gradient, the stored codes) once, where a reduction per
-    array reads it once each."""
-    blocks = tuple(
-        jnp.abs(_blocks(jnp.atleast_1d(v).astype(jnp.float32), block_size)) for v in values
-    )
-    axis = blocks[0].ndim - 1
-    return jax.lax.reduce(
-        blocks,
-        tuple(jnp.float32(0) for _ in blocks),
-        lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b, strict=True)),
-        (axis,),
-    )
+    return [
+        _absmax_leaf(codec.block_size, _value(x)) if isinstance(old, QuantizedArray) else None
+        for x, old in zip(leaves, stored_leaves, strict=True)
+    ]
 
 
 # Elements of a leaf whose new moments the chunked first pass holds at once (256 KiB of
