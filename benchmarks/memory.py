@@ -96,8 +96,9 @@ def is_oom(error: Exception) -> bool:
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One optimizer in this process: the record of :func:`main`'s table."""
-    if args.two_passes != "auto":
+    if args.two_passes != "auto":  # the whole-leaf update, in one or two passes
         wrapper._TWO_PASSES = args.two_passes == "on"
+        wrapper._CHUNKED = False
     shapes = json.loads(args.shapes)
     n = sum(int(np.prod(s)) for s in shapes.values())
     device = jax.devices()[0]
@@ -221,7 +222,8 @@ def parse_args() -> argparse.Namespace:
         "--two-passes",
         choices=["auto", "on", "off"],
         default="auto",
-        help="force quantize_state's two-pass update on or off (auto: off on CPU only)",
+        help="force quantize_state's whole-leaf update in two passes or one "
+        "(auto: row chunks on a CPU, two passes elsewhere)",
     )
     parser.add_argument("--tag", default="")
     parser.add_argument(
