@@ -195,3 +195,35 @@ def test_two_pass_update_stores_the_same_codes(make, monkeypatch, request) -> No
         scale = float(jnp.max(jnp.abs(a)))
         np.testing.assert_allclose(a, b, rtol=0, atol=ulps * scale)
     assert int(state_a.skipped) == int(state_b.skipped) == 0
+
+
+def test_eager_init_of_a_large_tree_quantizes_inside_one_jit(monkeypatch) -> None:
+    """Called eagerly on a tree of at least ``_JIT_INIT_ELEMENTS`` (lowered here to keep
+    the test small), ``init`` runs the inner init inside the jitted quantization, so
+    the float32 state of every leaf never exists at once (whose temporaries the jitted
+    init tests above bound); below it, the inner init runs eagerly. Both give the same
+    state, bit for bit, also for an init that is not zeros (Adagrad's 0.1)."""
+    seen = []
+
+    def spying(inner):
+        def init(params):
+            seen.append(any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)))
+            return inner.init(params)
+
+        return optax.GradientTransformation(init, inner.update)
+
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 300)), "b": jnp.ones(300)}
+    states = []
+    for threshold in (64 * 300, 10**12):
+        monkeypatch.setattr(wrapper, "_JIT_INIT_ELEMENTS", threshold)
+        tx = quantize_state(spying(optax.adagrad(1e-2, initial_accumulator_value=0.1)), min_size=0)
+        states.append(tx.init(params))
+    assert seen == [True, False]
+    a, b = states
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(
+        isinstance(x, QuantizedArray)
+        for x in jax.tree.leaves(a, is_leaf=lambda x: isinstance(x, QuantizedArray))
+    )

@@ -208,6 +208,28 @@ def _compress(codec: _Codec, tree: PyTree, key: jax.Array | None) -> PyTree:
     return jax.tree.unflatten(jax.tree.structure(tree, is_leaf=_is_value_holder), out)
 
 
+# Parameters from which an eager ``init`` runs the inner init and the quantization in
+# one jitted function: 4M elements, 16 MiB of float32 per moment. Called eagerly, the
+# inner init would first hold every leaf's float32 state at once (8 bytes a parameter
+# for Adam, more than the step needs); jitted, XLA makes each leaf's zeros inside its
+# quantization. Smaller trees are quantized as before, without a compile.
+_JIT_INIT_ELEMENTS = 1 << 22
+
+
+def _jit_init(params: PyTree) -> bool:
+    """Whether ``init`` jits: on one device, for a large tree (on several devices a jitted
+    init would not keep each leaf's sharding; inside a trace it is inlined)."""
+    if jax.device_count() != 1:
+        return False
+    return sum(int(np.size(x)) for x in jax.tree.leaves(params)) >= _JIT_INIT_ELEMENTS
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _initial_state(codec: _Codec, init: Callable[[PyTree], PyTree], params: PyTree) -> PyTree:
+    """``init(params)`` quantized, in one jitted function (`_jit_init`)."""
+    return _compress(codec, init(params), None)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _expand(codec: _Codec, tree: PyTree) -> PyTree:
     """Dequantize every [`QuantizedArray`][varjax.quantization.QuantizedArray] of ``tree``."""
@@ -771,7 +793,10 @@ def quantize_state(
     def init_fn(params: PyTree) -> QuantizedState:
         key = jax.random.key_data(jax.random.key(seed)) if stochastic_rounding else None
         # the initial state is rounded to nearest: it is zeros for the usual moments
-        inner_state = compress(inner.init(params), None)
+        if _jit_init(params):
+            inner_state = _initial_state(codec, inner.init, params)
+        else:
+            inner_state = compress(inner.init(params), None)
         return QuantizedState(inner_state, jnp.zeros([], jnp.int32), key, shape_witness(params))
 
     def update_fn(
