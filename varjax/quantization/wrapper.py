@@ -270,11 +270,7 @@ def _encode_leaf(
     finite: jax.Array,
     key: jax.Array | None,
 ) -> QuantizedArray:
-    codes, _ = quantize_blockwise(
-        x, codec.code(old.signed), codec.block_size, key=key, absmax=absmax
-    )
-    if old.bits == 4:
-        codes = pack_4bit(codes)
+    codes = _codes_leaf(codec, x, old.signed, old.bits, absmax, key)
     return _selected(old, absmax, codes, finite)
 
 
@@ -517,8 +513,16 @@ class _ChunkedLeaf:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _codes_leaf(codec: _Codec, x: jax.Array, signed: bool, bits: int, absmax: jax.Array):
-    codes, _ = quantize_blockwise(x, codec.code(signed), codec.block_size, absmax=absmax)
+def _codes_leaf(
+    codec: _Codec,
+    x: jax.Array,
+    signed: bool,
+    bits: int,
+    absmax: jax.Array,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """The stored codes of ``x`` with its block ``absmax`` (packed two per byte at 4 bits)."""
+    codes, _ = quantize_blockwise(x, codec.code(signed), codec.block_size, key=key, absmax=absmax)
     return pack_4bit(codes) if bits == 4 else codes
 
 
@@ -529,19 +533,25 @@ def _encode(
     absmax: list[jax.Array | None],
     finite: jax.Array,
     key: jax.Array | None,
+    codes: list[jax.Array | None] | None = None,
 ) -> PyTree:
     """The stored state after a step: each leaf of ``new`` that ``stored`` keeps quantized
-    encoded with its block ``absmax`` (from ``_new_absmax``), the others as they are,
-    where ``finite``; ``stored`` itself where not. The select is elementwise, so XLA fuses
-    it with the encoding."""
+    encoded with its block ``absmax`` (from ``_new_absmax``), or taken from ``codes``
+    where they were made already, the others as they are, where ``finite``; ``stored``
+    itself where not. The select is elementwise, so XLA fuses it with the encoding."""
     leaves, stored_leaves, treedef = _leaves_with_stored(stored, new)
+    codes = [None] * len(leaves) if codes is None else codes
     out = []
-    for i, (x, old, amax) in enumerate(zip(leaves, stored_leaves, absmax, strict=True)):
+    for i, (x, old, amax, made) in enumerate(
+        zip(leaves, stored_leaves, absmax, codes, strict=True)
+    ):
         if not isinstance(old, QuantizedArray):
             out.append(jax.tree.map(lambda n, o: jnp.where(finite, n, o), x, old))
-            continue
-        leaf_key = None if key is None else jax.random.fold_in(key, i)
-        out.append(_encode_leaf(codec, _value(x), old, amax, finite, leaf_key))
+        elif made is not None:
+            out.append(_selected(old, amax, made, finite))
+        else:
+            leaf_key = None if key is None else jax.random.fold_in(key, i)
+            out.append(_encode_leaf(codec, _value(x), old, amax, finite, leaf_key))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -571,7 +581,8 @@ def _chunked_step(
     rounding."""
     absmax = [None if f is None else f[0] for f in first]
     finite = all_finite(inputs[0]) & _all_absmax_finite([a for a in absmax if a is not None])
-    inputs, first, absmax, finite = _barrier((inputs, first, absmax, finite))
+    codes = [None if f is None else f[1] for f in first]
+    inputs, codes, absmax, finite = _barrier((inputs, codes, absmax, finite))
     out, new_inner = step(inputs)
     if key is not None:
         # stochastic rounding draws over a whole leaf: the new state is computed whole
@@ -579,17 +590,8 @@ def _chunked_step(
         # one reader (the updates' kernel or this one), into which XLA:CPU fuses its
         # table lookup instead of writing it out
         _, new_inner = step(_barrier(inputs))
-        return out, _encode(codec, inputs[1], new_inner, absmax, finite, key), finite
-    # the new state's quantized leaves are the first pass's codes (XLA drops the
-    # computation of their float32 values here); the others are taken as computed
-    leaves, stored_leaves, treedef = _leaves_with_stored(inputs[1], new_inner)
-    kept = [
-        jax.tree.map(lambda n, o: jnp.where(finite, n, o), x, old)
-        if f is None
-        else _selected(old, f[0], f[1], finite)
-        for x, old, f in zip(leaves, stored_leaves, first, strict=True)
-    ]
-    return out, jax.tree.unflatten(treedef, kept), finite
+    # where the first pass made the codes, XLA drops the float32 values computed here
+    return out, _encode(codec, inputs[1], new_inner, absmax, finite, key, codes), finite
 
 
 def _barrier(tree: PyTree) -> PyTree:
