@@ -33,6 +33,7 @@ from step_time import (
     make_tree,
     measure,
     shapes_for,
+    torch_peers,
     write_results,
 )
 
@@ -95,6 +96,20 @@ def to_markdown(info: dict, results: dict[str, dict], args) -> str:
                 f"{r['baseline']} | {r['varjax_ms']:.3f} | {r['baseline_ms']:.3f} | "
                 f"{r['ratio']:.3f} |"
             )
+    if any(result.get("peers") for result in results.values()):
+        lines += [
+            "",
+            "PyTorch peers in the same process (`--peers`; ratio = peer ms / varjax "
+            "`adamw_8bit` ms of the same layout):",
+            "",
+            "| layout | peer | ms | peer / adamw_8bit |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for layout, result in results.items():
+            ours = {r["optimizer"]: r["varjax_ms"] for r in result["rows"]}.get("adamw_8bit")
+            for peer, ms in result.get("peers", {}).items():
+                ratio = f"{ms / ours:.2f}" if ours else ""
+                lines.append(f"| {layout} | {peer} | {ms:.3f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,6 +125,11 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="")
     parser.add_argument("--copy-bandwidth", action="store_true")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time torch's fused AdamW, bitsandbytes' and torchao's AdamW8bit (CUDA)",
+    )
     args = parser.parse_args()
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
     pairs = [p for p in PAIRS if not wanted or p[0] in wanted]
@@ -132,6 +152,13 @@ def main() -> None:
             )
         results[layout] = {"leaves": len(shapes), "n_params": n_params, "rows": rows}
         del params, grads
+        if args.peers and jax.default_backend() != "gpu":
+            print("  --peers: PyTorch's peers run on CUDA only; not timed here", flush=True)
+        elif args.peers:
+            peers = torch_peers(shapes, args.repeats, args.steps, eight_bit=True)
+            results[layout]["peers"] = peers
+            for peer, ms in peers.items():
+                print(f"  {layout:<8} {peer:<40} {ms:8.3f} ms", flush=True)
         record = {"machine": info, "results": results, "args": vars(args) | {"out": str(args.out)}}
         write_results(
             args.out,

@@ -162,9 +162,12 @@ def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5, steps: int = 20) ->
     return 2 * n_bytes / statistics.median(times) / 1e9
 
 
-def torch_peers(shapes: dict[str, tuple], repeats: int, steps: int) -> dict[str, float]:
+def torch_peers(
+    shapes: dict[str, tuple], repeats: int, steps: int, eight_bit: bool = False
+) -> dict[str, float]:
     """ms per step of PyTorch's fused AdamW and bitsandbytes' Adam8bit on the same shapes
-    (CUDA only; bitsandbytes is skipped where it is not installed)."""
+    (CUDA only; bitsandbytes is skipped where it is not installed); with ``eight_bit``
+    also bitsandbytes' and torchao's AdamW8bit (each where installed)."""
     import torch
 
     params = [torch.nn.Parameter(0.02 * torch.randn(s, device="cuda")) for s in shapes.values()]
@@ -182,14 +185,27 @@ def torch_peers(shapes: dict[str, tuple], repeats: int, steps: int) -> dict[str,
                 optimizer.step()
             torch.cuda.synchronize()
             times.append((time.perf_counter() - start) / steps)
+        del optimizer
+        torch.cuda.empty_cache()
         return 1e3 * statistics.median(times)
 
     result = {"torch.optim.AdamW(fused=True)": time_steps(torch.optim.AdamW(params, fused=True))}
     try:
         import bitsandbytes as bnb
     except ImportError:
-        return result
-    result[f"bitsandbytes {bnb.__version__} Adam8bit"] = time_steps(bnb.optim.Adam8bit(params))
+        bnb = None
+    if bnb is not None:
+        name = f"bitsandbytes {bnb.__version__}"
+        result[f"{name} Adam8bit"] = time_steps(bnb.optim.Adam8bit(params))
+        if eight_bit:
+            result[f"{name} AdamW8bit"] = time_steps(bnb.optim.AdamW8bit(params))
+    if eight_bit:
+        try:
+            import torchao
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            return result
+        result[f"torchao {torchao.__version__} AdamW8bit"] = time_steps(AdamW8bit(params))
     return result
 
 

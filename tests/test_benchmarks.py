@@ -73,3 +73,14 @@ def test_size_sweep_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
     table = next(tmp_path.glob("size_sweep_*.md")).read_text()
     assert "| qhm | optax.sgd(momentum) |" in table
     assert next(tmp_path.glob("size_sweep_*.png")).stat().st_size > 10_000
+
+
+def test_step_temps_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_temps.py"), "--shapes", "64x512"]
+    command += ["--only", "optax.adamw,adamw_8bit", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads(next(tmp_path.glob("step_temps_*.json")).read_text())
+    temps = {row["optimizer"]: row["temp_bytes_per_param"] for row in record["rows"]}
+    assert temps["optax.adamw"] < 0.01  # fused into apply_updates, in place: a few scalars
+    assert temps["adamw_8bit"] > 0.0  # at least the new codes beside the old
+    assert "| 64x512 | adamw_8bit |" in next(tmp_path.glob("step_temps_*.md")).read_text()

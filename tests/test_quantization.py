@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import types
+
 import bitsandbytes as bnb
 import bitsandbytes.backends.cpu.ops as bnb_cpu_ops
 import bitsandbytes.functional as bnbf
@@ -300,6 +302,47 @@ def test_nan_in_the_new_state_skips_the_step() -> None:
         np.testing.assert_array_equal(kept.absmax, old.absmax)
         _, new_state = run(params, state, params)
         assert int(new_state.skipped) == 0
+
+
+@pytest.mark.parametrize("leaf", ["w", "b"])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("path", ["chunked", "one pass", "two passes"])
+@pytest.mark.parametrize("make", [varjax.adamw_8bit, varjax.lion_8bit, varjax.ademamix_4bit])
+def test_non_finite_gradient_skips_the_step_on_every_path(make, path, bad, leaf, monkeypatch):
+    """On the whole-leaf paths the gradient of a quantized leaf is checked inside its
+    moment's absmax (``_new_absmax``), and only the others (``b``, under ``min_size``) on
+    their own; on each path one bad element of either skips the step."""
+    monkeypatch.setattr(wrapper, "_CHUNKED", path == "chunked")
+    monkeypatch.setattr(wrapper, "_TWO_PASSES", path == "two passes")
+    tx = make(1e-2)
+    params = {"w": jnp.ones((32, 300)), "b": jnp.ones(300)}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    update = jax.jit(tx.update)
+    _, state = update(grads, tx.init(params), params)
+    broken = {**grads, leaf: grads[leaf].at[(3, 7) if leaf == "w" else 7].set(bad)}
+    updates, new_state = update(broken, state, params)
+    assert int(new_state.skipped) == 1
+    chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    _, new_state = update(grads, state, params)
+    assert int(new_state.skipped) == 0
+
+
+def test_each_quantized_gradient_is_checked_inside_its_moments_absmax() -> None:
+    """The pairing of ``_new_absmax``: ``grads['w']`` goes with the first quantized leaf at
+    the end of the same path (``mu['w']``), ``grads['b']`` (not quantized) is returned to be
+    checked apart, and the absmax of a finite step is that of the moment alone."""
+    params = {"w": jnp.ones((32, 300)), "b": jnp.ones(300)}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    stored = quantize_state(optax.adam(1e-2)).init(params).inner_state
+    _, new = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
+    codec = types.SimpleNamespace(block_size=256)  # all that the absmax reads
+    absmax, unchecked = wrapper._new_absmax(codec, stored, new, grads)
+    assert len(unchecked) == 1 and unchecked[0] is grads["b"]
+    made = [a for a in absmax if a is not None]
+    assert len(made) == 2
+    np.testing.assert_array_equal(made[0], blockwise.block_absmax(new[0].mu["w"], 256))
+    np.testing.assert_array_equal(made[1], blockwise.block_absmax(new[0].nu["w"], 256))
 
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])

@@ -1,0 +1,100 @@
+"""XLA's temporaries of a donated quantized step, per leaf shape, from compiling alone.
+
+For issue 20 (8-bit state whose step needs little beyond params + grads + state).
+For each ``--shapes`` entry (one float32 leaf of that shape) and each optimizer,
+the jitted, donated ``update`` + ``apply_updates`` step of ``tests/memory.py`` is
+lowered on ``jax.ShapeDtypeStruct`` inputs and compiled, never run, so shapes
+larger than the device's memory can be looked at too. Reported: XLA's
+``compiled.memory_analysis().temp_size_in_bytes`` per parameter. With ``--dump``
+the optimized HLO and buffer assignment of each compile are written there
+(``XLA_FLAGS=--xla_dump_to``), to see which buffers the temporaries are.
+
+Rerun (from the repository root):
+
+    python benchmarks/step_temps.py --shapes 61440x4096,15259x16384 --tag _h100   # GPU
+    JAX_PLATFORMS=cpu python benchmarks/step_temps.py --shapes 1024x1024           # CPU
+
+Results go to ``benchmarks/results/step_temps_<platform><tag>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tests"))
+
+OPTIMIZERS = ("optax.adamw", "adamw_8bit", "adamw_4bit", "lion_8bit", "ademamix_8bit")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--shapes", default="61440x4096,15259x16384")
+    parser.add_argument("--only", default=",".join(OPTIMIZERS))
+    parser.add_argument("--dump", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+    )
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    if args.dump is not None:  # before jax starts
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text"
+        )
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from memory import donating_train_step
+    from step_time import machine, write_results
+
+    import varjax
+
+    def make(name: str) -> optax.GradientTransformation:
+        if name.startswith("optax."):
+            return getattr(optax, name.split(".", 1)[1])(1e-3)
+        return getattr(varjax, name)(1e-3)
+
+    info = machine()
+    rows = []
+    for text in args.shapes.split(","):
+        shape = tuple(int(n) for n in text.split("x"))
+        params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+        n = 1
+        for d in shape:
+            n *= d
+        for name in args.only.split(","):
+            tx = make(name)
+            state = jax.eval_shape(tx.init, params)
+            compiled = donating_train_step(tx).lower(params, state, params).compile()
+            temp = compiled.memory_analysis().temp_size_in_bytes / n
+            rows.append({"shape": list(shape), "optimizer": name, "temp_bytes_per_param": temp})
+            print(f"{text:>16} {name:<16} temp {temp:6.3f} B/param", flush=True)
+    lines = [
+        "# XLA temporaries of a donated step, per leaf shape (compiled, not run)",
+        "",
+        f"- machine: {info['platform']} / {info['device']} / {info['cpu']} / {info['cores']} cores",
+        f"- software: jax {info['jax']}, optax {info['optax']}, varjax {info['varjax']}, "
+        f"{info['date']}",
+        "- `compiled.memory_analysis().temp_size_in_bytes` / parameters, one float32 leaf",
+        "",
+        "| shape | optimizer | temp B/param |",
+        "| --- | --- | ---: |",
+    ]
+    lines += [
+        f"| {'x'.join(map(str, r['shape']))} | {r['optimizer']} | {r['temp_bytes_per_param']:.3f} |"
+        for r in rows
+    ]
+    write_results(
+        args.out,
+        f"step_temps_{info['platform']}{args.tag}",
+        "\n".join(lines) + "\n",
+        {"machine": info, "rows": rows, "args": {"shapes": args.shapes, "only": args.only}},
+    )
+
+
+if __name__ == "__main__":
+    main()
