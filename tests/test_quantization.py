@@ -306,14 +306,15 @@ def test_nan_in_the_new_state_skips_the_step() -> None:
 
 @pytest.mark.parametrize("leaf", ["w", "b"])
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
-@pytest.mark.parametrize("path", ["chunked", "one pass", "two passes"])
+@pytest.mark.parametrize("path", ["chunked", "one pass", "two passes", "two passes, folded"])
 @pytest.mark.parametrize("make", [varjax.adamw_8bit, varjax.lion_8bit, varjax.ademamix_4bit])
 def test_non_finite_gradient_skips_the_step_on_every_path(make, path, bad, leaf, monkeypatch):
-    """On the whole-leaf paths the gradient of a quantized leaf is checked inside its
+    """Folded (the GPU's default), the gradient of a quantized leaf is checked inside its
     moment's absmax (``_new_absmax``), and only the others (``b``, under ``min_size``) on
     their own; on each path one bad element of either skips the step."""
     monkeypatch.setattr(wrapper, "_CHUNKED", path == "chunked")
-    monkeypatch.setattr(wrapper, "_TWO_PASSES", path == "two passes")
+    monkeypatch.setattr(wrapper, "_TWO_PASSES", path.startswith("two passes"))
+    monkeypatch.setattr(wrapper, "_FOLD_GRADIENT_CHECK", path.endswith("folded"))
     tx = make(1e-2)
     params = {"w": jnp.ones((32, 300)), "b": jnp.ones(300)}
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
@@ -328,7 +329,7 @@ def test_non_finite_gradient_skips_the_step_on_every_path(make, path, bad, leaf,
     assert int(new_state.skipped) == 0
 
 
-def test_each_quantized_gradient_is_checked_inside_its_moments_absmax() -> None:
+def test_each_quantized_gradient_is_checked_inside_its_moments_absmax(monkeypatch) -> None:
     """The pairing of ``_new_absmax``: ``grads['w']`` goes with the first quantized leaf at
     the end of the same path (``mu['w']``), ``grads['b']`` (not quantized) is returned to be
     checked apart, and the absmax of a finite step is that of the moment alone."""
@@ -337,6 +338,7 @@ def test_each_quantized_gradient_is_checked_inside_its_moments_absmax() -> None:
     stored = quantize_state(optax.adam(1e-2)).init(params).inner_state
     _, new = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
     codec = types.SimpleNamespace(block_size=256)  # all that the absmax reads
+    monkeypatch.setattr(wrapper, "_FOLD_GRADIENT_CHECK", True)
     absmax, unchecked = wrapper._new_absmax(codec, stored, new, grads)
     assert len(unchecked) == 1 and unchecked[0] is grads["b"]
     made = [a for a in absmax if a is not None]

@@ -336,8 +336,16 @@ def _value(x: Any) -> Any:
 
 
 # Whether `_new_absmax` checks each quantized leaf's gradient inside the absmax of its
-# moment (off: every gradient leaf is checked in a pass of its own; for benchmarks).
-_FOLD_GRADIENT_CHECK = True
+# moment (else every gradient leaf is checked in a pass of its own); ``None``: on every
+# platform but the CPU. XLA:CPU fuses no select into a reduction: there the checked
+# moment would be written out whole (4 bytes per element), to save a pass of 4.
+_FOLD_GRADIENT_CHECK: bool | None = None
+
+
+def _fold_gradient_check() -> bool:
+    if _FOLD_GRADIENT_CHECK is None:
+        return jax.default_backend() != "cpu"
+    return _FOLD_GRADIENT_CHECK
 
 
 def _new_absmax(
@@ -367,9 +375,10 @@ def _new_absmax(
     ]
     partner: dict[int, jax.Array] = {}
     unchecked = []
+    fold = _fold_gradient_check()
     for g_path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         for i, (path, old) in enumerate(zip(paths, stored_leaves, strict=True)):
-            if not _FOLD_GRADIENT_CHECK:
+            if not fold:
                 continue
             if (
                 i not in partner
