@@ -1192,7 +1192,7 @@ def ademamix_8bit(
     bitsandbytes' ``AdEMAMix8bit``.
 
     The whole of [`ademamix`][varjax.ademamix] inside the quantizer of
-    [`adam_8bit`][varjax.adam_8bit]: about 3.06 bytes per parameter instead of 12.
+    [`adam_8bit`][varjax.adam_8bit]: about 3.05 bytes per parameter instead of 12.
 
     Args:
       learning_rate: the step size, a float >= 0 or an ``optax.Schedule``.
