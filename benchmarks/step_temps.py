@@ -5,7 +5,11 @@ For each ``--shapes`` entry (one float32 leaf of that shape) and each optimizer,
 the jitted, donated ``update`` + ``apply_updates`` step of ``tests/memory.py`` is
 lowered on ``jax.ShapeDtypeStruct`` inputs and compiled, never run, so shapes
 larger than the device's memory can be looked at too. Reported: XLA's
-``compiled.memory_analysis().temp_size_in_bytes`` per parameter. With ``--dump``
+``compiled.memory_analysis().temp_size_in_bytes`` per parameter. With
+``--gradient computed`` the step computes the gradient itself (of
+``sum(tanh(x @ w))`` for an input ``x`` of 8 rows), as a real train step does: its
+buffer is then a temporary too (4 bytes per parameter for ``optax.adamw``), which
+XLA may reuse for the quantized step's own. With ``--dump``
 the optimized HLO and buffer assignment of each compile are written there
 (``XLA_FLAGS=--xla_dump_to``), to see which buffers the temporaries are.
 
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="61440x4096,15259x16384")
     parser.add_argument("--only", default=",".join(OPTIMIZERS))
     parser.add_argument("--dump", type=pathlib.Path, default=None)
+    parser.add_argument("--gradient", choices=["input", "computed"], default="input")
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
     )
@@ -58,6 +63,17 @@ def main() -> None:
             return getattr(optax, name.split(".", 1)[1])(1e-3)
         return getattr(varjax, name)(1e-3)
 
+    def train_step(tx: optax.GradientTransformation):
+        def loss(params, x):
+            w = params["w"].reshape(params["w"].shape[0], -1)
+            return jnp.sum(jnp.tanh(x @ w))
+
+        def step(params, state, x):
+            updates, state = tx.update(jax.grad(loss)(params, x), state, params)
+            return optax.apply_updates(params, updates), state
+
+        return step
+
     info = machine()
     rows = []
     for text in args.shapes.split(","):
@@ -69,7 +85,12 @@ def main() -> None:
         for name in args.only.split(","):
             tx = make(name)
             state = jax.eval_shape(tx.init, params)
-            compiled = donating_train_step(tx).lower(params, state, params).compile()
+            if args.gradient == "input":
+                lowered = donating_train_step(tx).lower(params, state, params)
+            else:
+                x = jax.ShapeDtypeStruct((8, shape[0]), jnp.float32)
+                lowered = jax.jit(train_step(tx), donate_argnums=(0, 1)).lower(params, state, x)
+            compiled = lowered.compile()
             temp = compiled.memory_analysis().temp_size_in_bytes / n
             rows.append({"shape": list(shape), "optimizer": name, "temp_bytes_per_param": temp})
             print(f"{text:>16} {name:<16} temp {temp:6.3f} B/param", flush=True)
@@ -79,7 +100,13 @@ def main() -> None:
         f"- machine: {info['platform']} / {info['device']} / {info['cpu']} / {info['cores']} cores",
         f"- software: jax {info['jax']}, optax {info['optax']}, varjax {info['varjax']}, "
         f"{info['date']}",
-        "- `compiled.memory_analysis().temp_size_in_bytes` / parameters, one float32 leaf",
+        "- `compiled.memory_analysis().temp_size_in_bytes` / parameters, one float32 leaf; "
+        f"gradient: {args.gradient}"
+        + (
+            " (computed in the step: a temporary of 4 B/param)"
+            if args.gradient == "computed"
+            else ""
+        ),
         "",
         "| shape | optimizer | temp B/param |",
         "| --- | --- | ---: |",
@@ -92,7 +119,11 @@ def main() -> None:
         args.out,
         f"step_temps_{info['platform']}{args.tag}",
         "\n".join(lines) + "\n",
-        {"machine": info, "rows": rows, "args": {"shapes": args.shapes, "only": args.only}},
+        {
+            "machine": info,
+            "rows": rows,
+            "args": {"shapes": args.shapes, "only": args.only, "gradient": args.gradient},
+        },
     )
 
 
