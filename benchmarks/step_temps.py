@@ -24,6 +24,7 @@ Results go to ``benchmarks/results/step_temps_<platform><tag>.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import sys
@@ -79,9 +80,7 @@ def main() -> None:
     for text in args.shapes.split(","):
         shape = tuple(int(n) for n in text.split("x"))
         params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         for name in args.only.split(","):
             tx = make(name)
             state = jax.eval_shape(tx.init, params)

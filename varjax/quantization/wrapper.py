@@ -370,32 +370,38 @@ def _new_absmax(
     apart.
     """
     leaves, stored_leaves, _ = _leaves_with_stored(stored, new)
-    paths = [
-        path for path, _ in jax.tree_util.tree_flatten_with_path(new, is_leaf=_is_value_holder)[0]
-    ]
     partner: dict[int, jax.Array] = {}
     unchecked = []
-    fold = _fold_gradient_check()
-    for g_path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        for i, (path, old) in enumerate(zip(paths, stored_leaves, strict=True)):
-            if not fold:
-                continue
-            if (
-                i not in partner
-                and isinstance(old, QuantizedArray)
-                and old.shape == jnp.shape(g)
-                and tuple(path[len(path) - len(g_path) :]) == tuple(g_path)
-            ):
-                partner[i] = g
-                break
-        else:
-            unchecked.append(g)
+    if _fold_gradient_check():
+        flat_new = jax.tree_util.tree_flatten_with_path(new, is_leaf=_is_value_holder)[0]
+        free = [
+            (i, path)
+            for i, ((path, _), old) in enumerate(zip(flat_new, stored_leaves, strict=True))
+            if isinstance(old, QuantizedArray)
+        ]
+        for g_path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            found = next(
+                (
+                    (n, i)
+                    for n, (i, path) in enumerate(free)
+                    if stored_leaves[i].shape == jnp.shape(g)
+                    and tuple(path[len(path) - len(g_path) :]) == tuple(g_path)
+                ),
+                None,
+            )
+            if found is None:
+                unchecked.append(g)
+            else:
+                partner[found[1]] = g
+                del free[found[0]]
+    else:
+        unchecked = jax.tree.leaves(grads)
     absmax = []
     for i, (x, old) in enumerate(zip(leaves, stored_leaves, strict=True)):
         if not isinstance(old, QuantizedArray):
             absmax.append(None)
             continue
-        x = jnp.asarray(_value(x), jnp.float32)
+        x = _value(x)
         if i in partner:
             x = jnp.where(jnp.isfinite(partner[i]), x, jnp.inf)
         absmax.append(_absmax_leaf(codec.block_size, x))
