@@ -18,6 +18,7 @@ caller keeps the whole-array path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -153,16 +154,19 @@ def _has_jaxpr(params: dict) -> bool:
     return any(isinstance(v, jex.Jaxpr | jex.ClosedJaxpr) for v in values)
 
 
+def _followed(subst: dict, atom: Any) -> Any:
+    """``atom`` after the chain of substitutions ``subst`` (see `_inlined`)."""
+    while isinstance(atom, jex.Var) and atom in subst:
+        atom = subst[atom]
+    return atom
+
+
 def _inlined(jaxpr: jex.Jaxpr) -> tuple[list[jex.JaxprEqn], dict] | None:
     """The equations of ``jaxpr`` with call primitives replaced by their bodies, and the
     substitution from the calls' output variables to the atoms that compute them."""
     subst: dict = {}
     eqns: list[jex.JaxprEqn] = []
-
-    def sub(atom: Any) -> Any:
-        while isinstance(atom, jex.Var) and atom in subst:
-            atom = subst[atom]
-        return atom
+    sub = functools.partial(_followed, subst)
 
     def add(eqn_list: Sequence[jex.JaxprEqn]) -> bool:
         for eqn in eqn_list:
@@ -242,13 +246,8 @@ def split(closed: jex.ClosedJaxpr) -> Split | None:
         for var in arrays[1:]:
             union(arrays[0], var)
 
-    def atom_of_output(v: Any) -> Any:
-        while isinstance(v, jex.Var) and v in subst:
-            v = subst[v]
-        return v
-
     inputs = {v: i for i, v in enumerate(jaxpr.invars)}
-    outputs = [atom_of_output(v) for v in jaxpr.outvars]
+    outputs = [_followed(subst, v) for v in jaxpr.outvars]
     members: dict = {}
     scalar_ids = {id(eqn) for eqn in scalar_eqns}
     for eqn in eqns:
