@@ -84,3 +84,15 @@ def test_step_temps_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
     assert temps["optax.adamw"] < 0.01  # fused into apply_updates, in place: a few scalars
     assert temps["adamw_8bit"] > 0.0  # at least the new codes beside the old
     assert "| 64x512 | adamw_8bit |" in next(tmp_path.glob("step_temps_*.md")).read_text()
+
+
+def test_step_fusions_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_fusions.py"), "--rows", "64"]
+    command += ["--only", "adamw_8bit;adamw_8bit separate, one gather", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads(next(tmp_path.glob("step_fusions_*.json")).read_text())
+    assert set(record["variants"]) == {"adamw_8bit", "adamw_8bit separate, one gather"}
+    for variant in record["variants"].values():
+        # the codes of both moments are written by some kernel, and the step was timed
+        assert sum("u8[64,4096]" in kernel for kernel in variant["kernels"]) >= 2
+        assert variant["timed_step_compiles_alike"] and variant["step_ms"] > 0

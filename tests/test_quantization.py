@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import types
+from unittest import mock
 
 import bitsandbytes as bnb
 import bitsandbytes.backends.cpu.ops as bnb_cpu_ops
@@ -588,6 +589,10 @@ def test_bucket_table_search_equals_binary_search(code) -> None:
     np.testing.assert_array_equal(np.asarray(nearest_index(jnp.asarray(x), code)), expected)
     traced = nearest_index(jnp.asarray(x), jnp.asarray(code))  # a jax map: the binary search
     np.testing.assert_array_equal(np.asarray(traced), expected)
+    # the one-gather lookup of other platforms than the CPU, run here
+    with mock.patch.object(blockwise, "_count_by_two_gathers", blockwise._count_by_one_gather):
+        one_gather = nearest_index(jnp.asarray(x), code)
+    np.testing.assert_array_equal(np.asarray(one_gather), expected)
 
 
 def nearest_quantize_torch(x, code, absmax_out, codes_out, block_size) -> None:

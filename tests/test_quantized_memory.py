@@ -149,7 +149,8 @@ def test_concrete_params_match_the_abstract_measure() -> None:
     ids=["adamw_8bit", "adamw_4bit", "ademamix_8bit", "lion_8bit_stochastic"],
 )
 def test_two_pass_update_stores_the_same_codes(make, monkeypatch, request) -> None:
-    """One step from a trained state with the update of the GPU (two whole-leaf passes)
+    """One step from a trained state with the update of the GPU (two whole-leaf passes),
+    the same with the encoded state computed apart (``_SEPARATE_ENCODE``, off by default)
     and the one-pass update: identical codes; absmax and new parameters within a few float32
     ulps of their magnitude, since the two compute the moments in different kernels
     (measured: 1 of 128 absmax and 0.2% of parameters differed, in the last bit)."""
@@ -168,20 +169,28 @@ def test_two_pass_update_stores_the_same_codes(make, monkeypatch, request) -> No
     grads = jax.tree.map(lambda x: 3.0 * jax.random.normal(jax.random.key(99), x.shape), params)
     results = []
     monkeypatch.setattr(wrapper, "_CHUNKED", False)
-    for two in (False, True):
+    # one pass; two passes; two passes with the encoded state computed apart
+    for two, separate in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(wrapper, "_TWO_PASSES", two)
+        monkeypatch.setattr(wrapper, "_SEPARATE_ENCODE", separate)
         jax.clear_caches()
         update = jax.jit(lambda p, s, g: tx.update(g, s, p))  # a new trace per setting
         updates, new_state = update(params, state, grads)
         results.append((optax.apply_updates(params, updates), new_state))
-    (params_a, state_a), (params_b, state_b) = results
+    for result in results[1:]:
+        _assert_same_step(results[0], result, request.node.name)
+
+
+def _assert_same_step(result_a, result_b, name: str) -> None:
+    """Two steps' new parameters and states agree (see the test above)."""
+    (params_a, state_a), (params_b, state_b) = result_a, result_b
     is_q = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
     qa = [x for x in jax.tree.leaves(state_a, is_leaf=is_q) if is_q(x)]
     qb = [x for x in jax.tree.leaves(state_b, is_leaf=is_q) if is_q(x)]
     assert len(qa) == len(qb) > 0
     ulps = 4 * np.finfo(np.float32).eps
     for a, b in zip(qa, qb, strict=True):
-        if "stochastic" in request.node.name:
+        if "stochastic" in name:
             # a draw compared with a fraction that differs by an ulp of the moment can
             # go the other way: near zero, where the map's gaps are ~1e-6 of the
             # absmax, an ulp is a visible part of a gap (measured: 1 of 210,000)

@@ -155,13 +155,49 @@ def _count_below_by_buckets(scaled: jax.Array, code: np.ndarray) -> jax.Array | 
     found = _bucket_table(np.asarray(code, np.float32).tobytes())
     if found is None:
         return None
-    m, below, next_midpoint = found
+    m = found[0]
     bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32)
     low_key, high_key = _SMALLEST_EXPONENT << m, 127 << m
     key = jnp.clip((bits & 0x7FFFFFFF) >> (23 - m), low_key, high_key) - low_key
     key = key.astype(jnp.int32) + (bits >> 31).astype(jnp.int32) * (high_key - low_key + 1)
+    if not _ONE_GATHER_OFF_CPU:
+        return _count_by_two_gathers(scaled, key, found)
+    # XLA:CPU runs a gather of two elements 3x slower than two gathers of one
+    return jax.lax.platform_dependent(
+        scaled,
+        key,
+        cpu=functools.partial(_count_by_two_gathers, found=found),
+        default=functools.partial(_count_by_one_gather, found=found),
+    )
+
+
+# Whether the bucket lookup reads its two tables in one gather (`_count_by_one_gather`)
+# off the CPU. Off until measured on a GPU: ``benchmarks/step_fusions.py`` compares the
+# two (benchmarks/README.md: "Why XLA writes the second pass's new moments in float32").
+_ONE_GATHER_OFF_CPU = False
+
+
+def _count_by_two_gathers(scaled: jax.Array, key: jax.Array, found: tuple) -> jax.Array:
+    """The count of midpoints below ``scaled`` from its bucket ``key``, the two tables of
+    ``_bucket_table`` (``found``) read apart."""
+    _, below, next_midpoint = found
     above = (scaled > _take(next_midpoint, key)).astype(jnp.int32)
     return _take(below, key).astype(jnp.int32) + above
+
+
+def _count_by_one_gather(scaled: jax.Array, key: jax.Array, found: tuple) -> jax.Array:
+    """As ``_count_by_two_gathers``, the two tables read as the columns of one float32
+    table in one gather (a count of at most 256 is exact in float32).
+
+    XLA's GPU cost model counts each gather that reads the key as one more use of
+    the values the key is computed from, and so as one more computation of a new
+    moment fused into the kernel that encodes it. With one gather it may fuse the
+    moment there instead of writing it out in float32 (not yet measured).
+    """
+    _, below, next_midpoint = found
+    pairs = np.stack([below.astype(np.float32), next_midpoint.astype(np.float32)], axis=1)
+    pair = _take(pairs, key)
+    return pair[..., 0].astype(jnp.int32) + (scaled > pair[..., 1]).astype(jnp.int32)
 
 
 def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:

@@ -310,6 +310,14 @@ def _use_two_passes() -> bool:
     return jax.default_backend() != "cpu" if _TWO_PASSES is None else _TWO_PASSES
 
 
+# Whether the two-pass update computes the new state it encodes apart from the new
+# state its updates read (see `_whole_leaf_step`). Off: on an H100 at 251M (with the
+# bucket lookup's two gathers) XLA still wrote the new moments in float32, now with a
+# buffer of new codes too, and adamw_8bit went from 1.42x to 1.69x optax.adamw's step
+# (benchmarks/results/quantized_step_time_gpu_h100_251M_separate*.md).
+_SEPARATE_ENCODE = False
+
+
 # Whether update_fn's first pass runs in chunks of rows (`_chunked_first_pass`) for an
 # elementwise inner transform; ``None``: on a CPU with one device. (Over several devices
 # a chunk's dynamic slice of a sharded leaf would gather it; on a GPU, XLA fuses the
@@ -628,6 +636,11 @@ def _whole_leaf_step(
         # state again and encodes it with that absmax.
         inputs, absmax, finite = _barrier((inputs, absmax, finite))
         out, new_inner = step(inputs)
+        if _SEPARATE_ENCODE:
+            # the state to encode computed a third time, from the inputs behind a
+            # barrier of their own, so that the updates' kernel and the encoding kernel
+            # could each compute the moments they read (see _SEPARATE_ENCODE)
+            _, new_inner = step(_barrier(inputs))
     return out, _encode(codec, inputs[1], new_inner, absmax, finite, key), finite
 
 

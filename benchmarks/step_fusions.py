@@ -1,0 +1,199 @@
+"""How XLA fuses the quantized step, under variants of its code: kernels, temporaries, time.
+
+For issue 20. On one float32 leaf of ``--rows`` x 4096, each variant's jitted,
+donated ``update`` + ``apply_updates`` step (``step_time.py``'s runner) is
+compiled under module settings of ``varjax.quantization`` (flags of
+``wrapper``, or a probe put in place of one function), and reported with:
+
+* the kernels of its optimized HLO (fusions and copies of the entry computation)
+  and the leaf-sized arrays each fusion writes;
+* XLA's temporaries (``compiled.memory_analysis()``) per parameter;
+* the median step time (ms), unless ``--no-time``.
+
+Off the CPU the step has two passes: the first keeps only each moment's new block
+absmax, the second computes the new state again, encodes it and gives the updates
+that ``apply_updates`` adds in the same kernel. On an H100, XLA writes the second
+pass's new moments in float32 and reads them back (8 bytes of temporaries per
+parameter of the largest leaf). The variants test what may keep it from fusing the
+moments into the kernel that encodes them: the encoded state computed apart from
+the updates' (``separate``), the bucket lookup's two tables read in one gather
+(``one gather``), and probes without the tables.
+
+Probes compute wrong codes on purpose (a linear code in place of the dynamic
+map's tables): they show what a piece costs, or whether it keeps XLA from fusing,
+never a result. With ``--dump`` each variant's optimized HLO is written there.
+
+Rerun (from the repository root, on the GPU machine):
+
+    python benchmarks/step_fusions.py --rows 16384 --dump /tmp/hlo
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import pathlib
+import re
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tests"))
+from memory import donating_train_step
+from step_time import LR, Runner, machine
+
+import varjax
+from varjax.quantization import blockwise, wrapper
+
+
+def linear_index(scaled, code):  # a probe: codes without the map's tables (wrong codes)
+    return jnp.round(scaled * 127.0 + 127.0).astype(jnp.int32)
+
+
+def linear_decode(codes, absmax, code, block_size=256, dtype=jnp.float32):  # a probe
+    values = codes.astype(jnp.float32) * (1 / 127.0) - 1.0
+    return blockwise._times_absmax_in_blocks(values, absmax, block_size).astype(dtype)
+
+
+SEPARATE = {"wrapper._SEPARATE_ENCODE": True}
+ONE_GATHER = {"blockwise._ONE_GATHER_OFF_CPU": True}
+
+# (name, optimizer, settings: {"module.attribute": value}); main's defaults are the
+# new state shared by the updates and the encoding, and two gathers per lookup
+VARIANTS = [
+    ("adamw_8bit", "adamw_8bit", {}),
+    ("adamw_8bit separate", "adamw_8bit", SEPARATE),
+    ("adamw_8bit one gather", "adamw_8bit", ONE_GATHER),
+    ("adamw_8bit separate, one gather", "adamw_8bit", SEPARATE | ONE_GATHER),
+    (
+        "adamw_8bit separate, linear encode probe",
+        "adamw_8bit",
+        SEPARATE | {"blockwise.nearest_index": linear_index},
+    ),
+    (
+        "adamw_8bit separate, linear decode probe",
+        "adamw_8bit",
+        SEPARATE | {"wrapper.dequantize_blockwise": linear_decode},
+    ),
+    ("adamw_4bit", "adamw_4bit", {}),
+    ("adamw_4bit separate, one gather", "adamw_4bit", SEPARATE | ONE_GATHER),
+    ("lion_8bit", "lion_8bit", {}),
+    ("lion_8bit one gather", "lion_8bit", ONE_GATHER),
+    ("ademamix_8bit", "ademamix_8bit", {}),
+    ("ademamix_8bit separate, one gather", "ademamix_8bit", SEPARATE | ONE_GATHER),
+]
+MODULES = {"wrapper": wrapper, "blockwise": blockwise}
+
+
+@contextlib.contextmanager
+def patched(settings: dict):
+    """The settings in place for the block; caches cleared first so that the per-leaf
+    jitted functions trace anew under them."""
+    saved = []
+    for where, value in settings.items():
+        module_name, name = where.split(".")
+        module = MODULES[module_name]
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def kernels(hlo: str, leaf_elements: int) -> list[str]:
+    """The entry computation's fusions and copies, each with the leaf-sized arrays it writes."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    out = []
+    for line in entry.splitlines():
+        found = re.match(r"\s*(?:ROOT )?%(\S+) = (.+?) (fusion|copy)\(", line)
+        if not found:
+            continue
+        name, shape, op = found.groups()
+        big = [
+            (dtype, dims)
+            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape)
+            if math.prod(int(d) for d in dims.split(",") if d) == leaf_elements
+        ]
+        kind = re.search(r"kind=(\w+)", line)
+        out.append(
+            f"{name} ({op}{', ' + kind.group(1) if kind else ''}) writes "
+            + (", ".join(f"{t}[{d}]" for t, d in big) or "small arrays")
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--only", default="", help="variant names, separated by semicolons")
+    parser.add_argument("--no-time", action="store_true")
+    parser.add_argument("--dump", type=pathlib.Path, default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    info = machine()
+    shape = (args.rows, 4096)
+    n = args.rows * 4096
+    params = {"w": 0.02 * jax.random.normal(jax.random.key(0), shape)}
+    grads = {"w": 0.02 * jax.random.normal(jax.random.key(1), shape)}
+    wanted = [w for w in args.only.split(";") if w]
+    report = {"machine": info, "rows": args.rows, "variants": {}}
+    runners = {}
+    for index, (name, optimizer, settings) in enumerate(VARIANTS):
+        if wanted and name not in wanted:
+            continue
+        with patched(settings):
+            tx = getattr(varjax, optimizer)(LR)
+            state = jax.eval_shape(tx.init, params)
+            compiled = donating_train_step(tx).lower(params, state, grads).compile()
+            runner = None
+            if not args.no_time:
+                runner = Runner(tx, params, grads)
+                # kept compiled: the next variant's jax.clear_caches() would otherwise
+                # make the jitted step trace again, under the settings of that moment
+                runner.step = runner.step.lower(runner.params, runner.state, grads).compile()
+        hlo = compiled.as_text()
+        found = kernels(hlo, n)
+        temp = compiled.memory_analysis().temp_size_in_bytes / n
+        report["variants"][name] = {"temp_bytes_per_param": temp, "kernels": found}
+        print(f"== {name}: temp {temp:.3f} B/param, {len(found)} kernels", flush=True)
+        for k in found:
+            print(f"     {k}", flush=True)
+        if runner is not None:  # the timed step, compiled from concrete arrays: the same?
+            timed = runner.step
+            same = kernels(timed.as_text(), n) == found
+            report["variants"][name]["timed_step_compiles_alike"] = same
+            if not same:
+                print("   the timed step (concrete arrays) compiled differently:", flush=True)
+                for k in kernels(timed.as_text(), n):
+                    print(f"     {k}", flush=True)
+        if args.dump is not None:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"variant{index}.hlo.txt").write_text(f"// {name}\n{hlo}")
+        if runner is not None:
+            runners[name] = runner
+    if runners:
+        times = {name: [] for name in runners}
+        for _ in range(5):
+            for name, runner in runners.items():
+                times[name].append(runner.run(10))
+        for name, t in times.items():
+            ms = 1e3 * statistics.median(t)
+            report["variants"][name]["step_ms"] = ms
+            print(f"step {name:<48} {ms:7.3f} ms", flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"step_fusions_{info['platform']}.json").write_text(
+            json.dumps(report, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
