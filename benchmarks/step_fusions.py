@@ -17,7 +17,8 @@ pass's new moments in float32 and reads them back (8 bytes of temporaries per
 parameter of the largest leaf). The variants test what may keep it from fusing the
 moments into the kernel that encodes them: the encoded state computed apart from
 the updates' (``separate``), the bucket lookup's two tables read in one gather
-(``one gather``), and probes without the tables.
+(``one gather``), and probes without the tables; and, to bound what XLA writes
+rather than remove it, the CPU's chunked first pass with large chunks.
 
 Probes compute wrong codes on purpose (a linear code in place of the dynamic
 map's tables): they show what a piece costs, or whether it keeps XLA from fusing,
@@ -79,6 +80,19 @@ VARIANTS = [
         "adamw_8bit separate, linear decode probe",
         "adamw_8bit",
         SEPARATE | {"wrapper.dequantize_blockwise": linear_decode},
+    ),
+    # the CPU's path: the first pass in a loop over chunks of rows that also makes the
+    # codes, the updates from a whole-leaf second pass (temporaries bounded by a chunk
+    # and the new codes)
+    (
+        "adamw_8bit chunks of 4M",
+        "adamw_8bit",
+        {"wrapper._CHUNKED": True, "wrapper._CHUNK_ELEMENTS": 1 << 22},
+    ),
+    (
+        "adamw_8bit chunks of 16M",
+        "adamw_8bit",
+        {"wrapper._CHUNKED": True, "wrapper._CHUNK_ELEMENTS": 1 << 24},
     ),
     ("adamw_4bit", "adamw_4bit", {}),
     ("adamw_4bit separate, one gather", "adamw_4bit", SEPARATE | ONE_GATHER),
