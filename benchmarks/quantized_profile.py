@@ -149,43 +149,56 @@ def pallas_gather_check() -> str:
         return f"failed: {type(error).__name__}: {str(error)[:300]}"
 
 
-def _linear_codes(scaled, code):  # a probe: codes without the map's tables (wrong codes)
+def linear_codes(scaled, code):  # a probe: codes without the map's tables (wrong codes)
     return jnp.round(scaled * 127.0 + 127.0).astype(jnp.int32)
 
 
-# (name, optimizer, module settings while it compiles)
+# (name, optimizer, module settings while it compiles: {"module.attribute": value})
 VARIANTS = [
     ("optax.adamw", lambda: optax.adamw(LR), {}),
     ("adamw_8bit", lambda: varjax.adamw_8bit(LR), {}),
-    ("adamw_8bit one pass", lambda: varjax.adamw_8bit(LR), {"_TWO_PASSES": False}),
+    ("adamw_8bit one pass", lambda: varjax.adamw_8bit(LR), {"wrapper._TWO_PASSES": False}),
     (
         "adamw_8bit gradient checked apart",
         lambda: varjax.adamw_8bit(LR),
-        {"_FOLD_GRADIENT_CHECK": False},
+        {"wrapper._FOLD_GRADIENT_CHECK": False},
     ),
     (
         "adamw_8bit linear-code probe",
         lambda: varjax.adamw_8bit(LR),
-        {"nearest_index": _linear_codes},
+        {"blockwise.nearest_index": linear_codes},
     ),
 ]
+MODULES = {"wrapper": wrapper, "blockwise": blockwise}
 
 
 @contextlib.contextmanager
 def patched(settings: dict):
-    """``wrapper``'s flags (and ``blockwise.nearest_index``) set for the block, caches
-    cleared first so that the per-leaf jitted functions trace anew under them."""
-    saved = {}
-    for name, value in settings.items():
-        module = blockwise if name == "nearest_index" else wrapper
-        saved[name] = (module, getattr(module, name))
+    """``settings`` (``{"wrapper._TWO_PASSES": False}``: attributes of ``MODULES``) in place
+    for the block, caches cleared first so that the per-leaf jitted functions trace anew
+    under them."""
+    saved = []
+    for where, value in settings.items():
+        module_name, name = where.split(".")
+        module = MODULES[module_name]
+        saved.append((module, name, getattr(module, name)))
         setattr(module, name, value)
     jax.clear_caches()
     try:
         yield
     finally:  # no cache cleared here: a compiled step would be traced again as it is
-        for name, (module, value) in saved.items():
+        for module, name, value in saved:
             setattr(module, name, value)
+
+
+def compiled_runner(tx: optax.GradientTransformation, params, grads) -> Runner:
+    """A ``Runner`` whose step stays compiled as it is now: after the next ``patched``
+    block's ``jax.clear_caches()`` a jitted step would trace again when called, under
+    the settings of that moment (before 2026-12-07 every variant here was timed so, as
+    the default)."""
+    runner = Runner(tx, params, grads)
+    runner.step = runner.step.lower(runner.params, runner.state, grads).compile()
+    return runner
 
 
 def main() -> None:
@@ -208,12 +221,7 @@ def main() -> None:
     runners = {}
     for name, make, settings in VARIANTS:
         with patched(settings):
-            runner = Runner(make(), params, grads)  # compiles under the settings
-            # kept compiled: the next variant's jax.clear_caches() would otherwise make
-            # the jitted step trace again when timed, under the default settings (before
-            # 2026-12-07 every variant was timed so, as the default)
-            runner.step = runner.step.lower(runner.params, runner.state, grads).compile()
-            runners[name] = runner
+            runners[name] = compiled_runner(make(), params, grads)
     for name, runner in runners.items():
         steps[name] = 1e3 * statistics.median(runner.run(20) for _ in range(7))
         print(f"step {name:<34} {steps[name]:7.3f} ms", flush=True)

@@ -32,7 +32,6 @@ Rerun (from the repository root, on the GPU machine):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import pathlib
@@ -46,14 +45,11 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tests"))
 from memory import donating_train_step
-from step_time import LR, Runner, machine
+from quantized_profile import compiled_runner, linear_codes, patched
+from step_time import LR, machine
 
 import varjax
-from varjax.quantization import blockwise, wrapper
-
-
-def linear_index(scaled, code):  # a probe: codes without the map's tables (wrong codes)
-    return jnp.round(scaled * 127.0 + 127.0).astype(jnp.int32)
+from varjax.quantization import blockwise
 
 
 def linear_decode(codes, absmax, code, block_size=256, dtype=jnp.float32):  # a probe
@@ -74,7 +70,7 @@ VARIANTS = [
     (
         "adamw_8bit separate, linear encode probe",
         "adamw_8bit",
-        SEPARATE | {"blockwise.nearest_index": linear_index},
+        SEPARATE | {"blockwise.nearest_index": linear_codes},
     ),
     (
         "adamw_8bit separate, linear decode probe",
@@ -101,25 +97,6 @@ VARIANTS = [
     ("ademamix_8bit", "ademamix_8bit", {}),
     ("ademamix_8bit separate, one gather", "ademamix_8bit", SEPARATE | ONE_GATHER),
 ]
-MODULES = {"wrapper": wrapper, "blockwise": blockwise}
-
-
-@contextlib.contextmanager
-def patched(settings: dict):
-    """The settings in place for the block; caches cleared first so that the per-leaf
-    jitted functions trace anew under them."""
-    saved = []
-    for where, value in settings.items():
-        module_name, name = where.split(".")
-        module = MODULES[module_name]
-        saved.append((module, name, getattr(module, name)))
-        setattr(module, name, value)
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def kernels(hlo: str, leaf_elements: int) -> list[str]:
@@ -167,12 +144,7 @@ def main() -> None:
             tx = getattr(varjax, optimizer)(LR)
             state = jax.eval_shape(tx.init, params)
             compiled = donating_train_step(tx).lower(params, state, grads).compile()
-            runner = None
-            if not args.no_time:
-                runner = Runner(tx, params, grads)
-                # kept compiled: the next variant's jax.clear_caches() would otherwise
-                # make the jitted step trace again, under the settings of that moment
-                runner.step = runner.step.lower(runner.params, runner.state, grads).compile()
+            runner = None if args.no_time else compiled_runner(tx, params, grads)
         hlo = compiled.as_text()
         found = kernels(hlo, n)
         temp = compiled.memory_analysis().temp_size_in_bytes / n
@@ -181,12 +153,11 @@ def main() -> None:
         for k in found:
             print(f"     {k}", flush=True)
         if runner is not None:  # the timed step, compiled from concrete arrays: the same?
-            timed = runner.step
-            same = kernels(timed.as_text(), n) == found
-            report["variants"][name]["timed_step_compiles_alike"] = same
-            if not same:
+            timed = kernels(runner.step.as_text(), n)
+            report["variants"][name]["timed_step_compiles_alike"] = timed == found
+            if timed != found:
                 print("   the timed step (concrete arrays) compiled differently:", flush=True)
-                for k in kernels(timed.as_text(), n):
+                for k in timed:
                     print(f"     {k}", flush=True)
         if args.dump is not None:
             args.dump.mkdir(parents=True, exist_ok=True)
