@@ -12,13 +12,14 @@ compiled under module settings of ``varjax.quantization`` (flags of
 
 Off the CPU the step has two passes: the first keeps only each moment's new block
 absmax, the second computes the new state again, encodes it and gives the updates
-that ``apply_updates`` adds in the same kernel. On an H100, XLA writes the second
-pass's new moments in float32 and reads them back (8 bytes of temporaries per
-parameter of the largest leaf). The variants test what may keep it from fusing the
-moments into the kernel that encodes them: the encoded state computed apart from
-the updates' (``separate``), the bucket lookup's two tables read in one gather
-(``one gather``), and probes without the tables; and, to bound what XLA writes
-rather than remove it, the CPU's chunked first pass with large chunks.
+that ``apply_updates`` adds in the same kernel. With the dynamic map's codes found
+by table gathers (``tables``), XLA on an H100 wrote the second pass's new moments
+in float32 and read them back (8 bytes of temporaries per parameter of the largest
+leaf): it does not fuse a computation into a gather's indices. ``segments`` is the
+encoder without gathers (``blockwise._count_below_by_segments``). Other variants: the
+encoded state computed apart from the updates' (``separate``), a linear code as a
+probe of the fastest encoding, and, to bound what XLA writes rather than remove
+it, the CPU's chunked first pass with large chunks.
 
 Probes compute wrong codes on purpose (a linear code in place of the dynamic
 map's tables): they show what a piece costs, or whether it keeps XLA from fusing,
@@ -40,7 +41,6 @@ import statistics
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tests"))
@@ -49,53 +49,33 @@ from quantized_profile import compiled_runner, linear_codes, patched
 from step_time import LR, machine
 
 import varjax
-from varjax.quantization import blockwise
-
-
-def linear_decode(codes, absmax, code, block_size=256, dtype=jnp.float32):  # a probe
-    values = codes.astype(jnp.float32) * (1 / 127.0) - 1.0
-    return blockwise._times_absmax_in_blocks(values, absmax, block_size).astype(dtype)
-
 
 SEPARATE = {"wrapper._SEPARATE_ENCODE": True}
-ONE_GATHER = {"blockwise._ONE_GATHER_OFF_CPU": True}
+SEGMENTS = {"blockwise._SEGMENTS_OFF_CPU": True}
+TABLES = {"blockwise._SEGMENTS_OFF_CPU": False}
 
-# (name, optimizer, settings: {"module.attribute": value}); main's defaults are the
-# new state shared by the updates and the encoding, and two gathers per lookup
+# (name, optimizer, settings: {"module.attribute": value}): the new state shared by
+# the updates and the encoding, encoded by the bucket tables (``tables``) or without
+# gathers (``segments``)
 VARIANTS = [
-    ("adamw_8bit", "adamw_8bit", {}),
-    ("adamw_8bit separate", "adamw_8bit", SEPARATE),
-    ("adamw_8bit one gather", "adamw_8bit", ONE_GATHER),
-    ("adamw_8bit separate, one gather", "adamw_8bit", SEPARATE | ONE_GATHER),
-    (
-        "adamw_8bit separate, linear encode probe",
-        "adamw_8bit",
-        SEPARATE | {"blockwise.nearest_index": linear_codes},
-    ),
-    (
-        "adamw_8bit separate, linear decode probe",
-        "adamw_8bit",
-        SEPARATE | {"wrapper.dequantize_blockwise": linear_decode},
-    ),
+    ("adamw_8bit segments", "adamw_8bit", SEGMENTS),
+    ("adamw_8bit tables", "adamw_8bit", TABLES),
+    ("adamw_8bit segments, separate", "adamw_8bit", SEGMENTS | SEPARATE),
+    ("adamw_8bit linear encode probe", "adamw_8bit", {"blockwise.nearest_index": linear_codes}),
     # the CPU's path: the first pass in a loop over chunks of rows that also makes the
     # codes, the updates from a whole-leaf second pass (temporaries bounded by a chunk
     # and the new codes)
     (
-        "adamw_8bit chunks of 4M",
+        "adamw_8bit tables, chunks of 16M",
         "adamw_8bit",
-        {"wrapper._CHUNKED": True, "wrapper._CHUNK_ELEMENTS": 1 << 22},
+        TABLES | {"wrapper._CHUNKED": True, "wrapper._CHUNK_ELEMENTS": 1 << 24},
     ),
-    (
-        "adamw_8bit chunks of 16M",
-        "adamw_8bit",
-        {"wrapper._CHUNKED": True, "wrapper._CHUNK_ELEMENTS": 1 << 24},
-    ),
-    ("adamw_4bit", "adamw_4bit", {}),
-    ("adamw_4bit separate, one gather", "adamw_4bit", SEPARATE | ONE_GATHER),
-    ("lion_8bit", "lion_8bit", {}),
-    ("lion_8bit one gather", "lion_8bit", ONE_GATHER),
-    ("ademamix_8bit", "ademamix_8bit", {}),
-    ("ademamix_8bit separate, one gather", "ademamix_8bit", SEPARATE | ONE_GATHER),
+    ("adamw_4bit segments", "adamw_4bit", SEGMENTS),
+    ("adamw_4bit tables", "adamw_4bit", TABLES),
+    ("lion_8bit segments", "lion_8bit", SEGMENTS),
+    ("lion_8bit tables", "lion_8bit", TABLES),
+    ("ademamix_8bit segments", "ademamix_8bit", SEGMENTS),
+    ("ademamix_8bit tables", "ademamix_8bit", TABLES),
 ]
 
 

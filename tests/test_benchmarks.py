@@ -88,11 +88,28 @@ def test_step_temps_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
 
 def test_step_fusions_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
     command = [sys.executable, str(ROOT / "benchmarks" / "step_fusions.py"), "--rows", "64"]
-    command += ["--only", "adamw_8bit;adamw_8bit separate, one gather", "--out", str(tmp_path)]
+    command += ["--only", "adamw_8bit segments;adamw_8bit tables", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
     record = json.loads(next(tmp_path.glob("step_fusions_*.json")).read_text())
-    assert set(record["variants"]) == {"adamw_8bit", "adamw_8bit separate, one gather"}
+    assert set(record["variants"]) == {"adamw_8bit segments", "adamw_8bit tables"}
     for variant in record["variants"].values():
         # the codes of both moments are written by some kernel, and the step was timed
         assert sum("u8[64,4096]" in kernel for kernel in variant["kernels"]) >= 2
         assert variant["timed_step_compiles_alike"] and variant["step_ms"] > 0
+
+
+def test_encoder_check_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "encoder_check.py"), "--size", "100000"]
+    command += ["--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads(next(tmp_path.glob("encoder_check_*.json")).read_text())
+    rows = record["results"]
+    assert len(rows) == 15  # 5 maps, 3 kinds of values
+    # codes differ only next to a midpoint, and by one entry
+    assert all(row["largest_difference"] <= 1 for row in rows.values())
+    assert all(row["farthest_from_midpoint"] < 1e-3 for row in rows.values())
+    assert rows["8-bit dynamic, signed / uniform"]["share"] < 1e-4
+    assert (
+        "| 8-bit dynamic, signed / moments |"
+        in next(tmp_path.glob("encoder_check_*.md")).read_text()
+    )

@@ -151,53 +151,105 @@ def _bucket_table(code_bytes: bytes) -> tuple[int, np.ndarray, np.ndarray] | Non
     return None
 
 
-def _count_below_by_buckets(scaled: jax.Array, code: np.ndarray) -> jax.Array | None:
-    found = _bucket_table(np.asarray(code, np.float32).tobytes())
-    if found is None:
-        return None
-    m = found[0]
+def _count_below_by_buckets(scaled: jax.Array, code: np.ndarray) -> jax.Array:
+    m, below, next_midpoint = _bucket_table(np.asarray(code, np.float32).tobytes())
     bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32)
     low_key, high_key = _SMALLEST_EXPONENT << m, 127 << m
     key = jnp.clip((bits & 0x7FFFFFFF) >> (23 - m), low_key, high_key) - low_key
     key = key.astype(jnp.int32) + (bits >> 31).astype(jnp.int32) * (high_key - low_key + 1)
-    if not _ONE_GATHER_OFF_CPU:
-        return _count_by_two_gathers(scaled, key, found)
-    # XLA:CPU runs a gather of two elements 3x slower than two gathers of one
-    return jax.lax.platform_dependent(
-        scaled,
-        key,
-        cpu=functools.partial(_count_by_two_gathers, found=found),
-        default=functools.partial(_count_by_one_gather, found=found),
-    )
-
-
-# Whether the bucket lookup reads its two tables in one gather (`_count_by_one_gather`)
-# off the CPU. Off until measured on a GPU: ``benchmarks/step_fusions.py`` compares the
-# two (benchmarks/README.md: "Why XLA writes the second pass's new moments in float32").
-_ONE_GATHER_OFF_CPU = False
-
-
-def _count_by_two_gathers(scaled: jax.Array, key: jax.Array, found: tuple) -> jax.Array:
-    """The count of midpoints below ``scaled`` from its bucket ``key``, the two tables of
-    ``_bucket_table`` (``found``) read apart."""
-    _, below, next_midpoint = found
     above = (scaled > _take(next_midpoint, key)).astype(jnp.int32)
     return _take(below, key).astype(jnp.int32) + above
 
 
-def _count_by_one_gather(scaled: jax.Array, key: jax.Array, found: tuple) -> jax.Array:
-    """As ``_count_by_two_gathers``, the two tables read as the columns of one float32
-    table in one gather (a count of at most 256 is exact in float32).
+# Runs of midpoints count as evenly spaced when each lies within this share of the run's
+# step of its place on the line fitted through the run (float32 rounding of the map
+# leaves them about 4e-6 of a step off in the 8-bit dynamic map's top decade).
+_RUN_TOLERANCE = 2.0**-14
+_MAX_SEGMENTS = 16
 
-    XLA's GPU cost model counts each gather that reads the key as one more use of
-    the values the key is computed from, and so as one more computation of a new
-    moment fused into the kernel that encodes it. With one gather it may fuse the
-    moment there instead of writing it out in float32 (not yet measured).
+
+@functools.lru_cache(maxsize=32)
+def _segments(code_bytes: bytes) -> tuple | None:
+    """The count of midpoints below a value as a few affine pieces, for
+    [`nearest_index`][varjax.quantization.nearest_index] off the CPU.
+
+    A map whose negative entries mirror its positive ones (a signed dynamic map) is
+    folded onto its non-negative half. The midpoints of that half (or of the whole
+    map) are cut into segments: one midpoint kept exactly (a threshold), then a run
+    of evenly spaced midpoints. A decade of the dynamic map is one segment: the
+    midpoint between two decades, then the decade's own. Returns ``(mirrored,
+    thresholds, slopes, offsets, tops, bases)``, float32 arrays over segments, or
+    ``None`` when a run does not lie on a line or there are more than
+    ``_MAX_SEGMENTS`` segments (the caller then uses the bucket tables).
     """
-    _, below, next_midpoint = found
-    pairs = np.stack([below.astype(np.float32), next_midpoint.astype(np.float32)], axis=1)
-    pair = _take(pairs, key)
-    return pair[..., 0].astype(jnp.int32) + (scaled > pair[..., 1]).astype(jnp.int32)
+    code = np.frombuffer(code_bytes, np.float32)
+    positive = code[code > 0]
+    negative = code[code < 0]
+    mirrored = (
+        negative.size > 0
+        and np.count_nonzero(code == 0) == 1
+        and positive.size in (negative.size, negative.size + 1)
+        and np.array_equal(-negative[::-1], positive[: negative.size])
+    )
+    half = np.concatenate([np.float32([0.0]), positive]) if mirrored else code
+    mids = _midpoints(half).astype(np.float64)
+    segments, j = [], 0
+    while j < mids.size:
+        # the threshold mids[j], then a run of mids[j + 1 : j + 1 + run], evenly spaced
+        run = min(2, mids.size - j - 1)
+        step = mids[j + run] - mids[j + run - 1] if run else 1.0
+        while j + run + 1 < mids.size and (
+            abs(mids[j + run + 1] - mids[j + run] - step) <= _RUN_TOLERANCE * step
+        ):
+            run += 1
+        if run:
+            first = mids[j + 1]
+            step = (mids[j + run] - first) / (run - 1) if run > 1 else first - mids[j]
+            off_line = np.abs(mids[j + 1 : j + run + 1] - (first + step * np.arange(run)))
+            if not step > 0 or off_line.max() > _RUN_TOLERANCE * step:
+                return None
+        lowest = mids[j + 1] - step if run else mids[j]
+        # in this segment the count is j + clip(ceil((value - lowest) / step), 1, run + 1)
+        segments.append((mids[j], 1.0 / step, lowest / step, run + 1.0, float(j)))
+        j += run + 1
+    if len(segments) > _MAX_SEGMENTS:
+        return None
+    return (mirrored, *(np.asarray(column, np.float32) for column in zip(*segments, strict=True)))
+
+
+def _count_below_by_segments(scaled: jax.Array, code: np.ndarray) -> jax.Array:
+    """The count of midpoints below ``scaled`` from ``_segments``: a chain of compares
+    and selects over a few constants, without a gather.
+
+    Thresholds are compared exactly; inside a run the count comes from float32
+    arithmetic, so a value within about 1e-5 of a step of a run's midpoint may get
+    the neighbouring index (tests/test_quantization.py bounds where).
+    """
+    code = np.asarray(code, np.float32)
+    mirrored, thresholds, slopes, offsets, tops, bases = _segments(code.tobytes())
+    value = scaled.astype(jnp.float32)
+    if mirrored:
+        # a negative value counts the mirrored midpoints at or below its magnitude:
+        # strictly below the next float32 up
+        bits = jax.lax.bitcast_convert_type(-value, jnp.int32) + 1
+        value = jnp.where(value < 0, jax.lax.bitcast_convert_type(bits, jnp.float32), value)
+    slope, offset, top, base = 0.0, 0.0, 1.0, -1.0  # below the first threshold: 0
+    for s in range(thresholds.size):
+        past = value > thresholds[s]
+        slope = jnp.where(past, slopes[s], slope)
+        offset = jnp.where(past, offsets[s], offset)
+        top = jnp.where(past, tops[s], top)
+        base = jnp.where(past, bases[s], base)
+    count = base + jnp.clip(jnp.ceil(value * slope - offset), 1.0, top)
+    if mirrored:
+        negatives = np.float32(np.count_nonzero(code < 0))
+        count = jnp.where(scaled < 0, jnp.maximum(negatives - count, 0.0), negatives + count)
+    return jnp.clip(count, 0, code.size - 1).astype(jnp.int32)
+
+
+# Whether nearest_index uses the segments off the CPU (measured: benchmarks/README.md,
+# "An encoder without gathers").
+_SEGMENTS_OFF_CPU = False
 
 
 def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
@@ -205,14 +257,22 @@ def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
     (ties to the lower entry).
 
     That is the number of midpoints between neighbouring entries that lie
-    strictly below the value. For a map known at trace time (a NumPy array),
-    precomputed tables over the values' float32 bit patterns give it with two
-    gathers at the same index; otherwise, a binary search with
-    ``log2(len(code))`` gathers. On an H200 the binary search took 0.78 ms for
-    64M values, 5.6 times the time of a scaling pass, so the table matters for
-    8-bit steps. (Two gathers at one index rather than one after the other cut
-    the summed kernel time of an 8-bit AdamW step on an H100 from 5.2 to 4.3
-    ms at 251M parameters: XLA no longer writes the first lookup to memory.)
+    strictly below the value. For a map known at trace time (a NumPy array):
+
+    * on the CPU, precomputed tables over the values' float32 bit patterns give
+      it exactly, with two gathers at the same index;
+    * elsewhere (GPU, TPU), a few affine pieces without gathers
+      (``_count_below_by_segments``), so that XLA fuses the computation of the
+      values into the kernel that encodes them: it does not fuse one into a
+      gather's indices, and with the tables an 8-bit AdamW step on an H100 kept
+      its new moments in float32 memory (8 bytes per parameter of its largest
+      leaf). A value within about 1e-5 of a gap of a midpoint may then get the
+      neighbouring entry: a share of about 1e-6 of uniform values
+      (``benchmarks/results/encoder_check_*``).
+
+    For a map known only as a JAX array, a binary search with
+    ``log2(len(code))`` gathers. On an H200 it took 0.78 ms for 64M values, 5.6
+    times the time of a scaling pass.
 
     Args:
       scaled: values in [-1, 1] (block-scaled), any shape.
@@ -229,9 +289,13 @@ def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
       [0, 1, 2, 3]
     """
     if isinstance(code, np.ndarray):
-        count = _count_below_by_buckets(scaled, code)
-        if count is not None:
-            return count
+        code_bytes = np.asarray(code, np.float32).tobytes()
+        if _bucket_table(code_bytes) is not None:
+            buckets = functools.partial(_count_below_by_buckets, code=code)
+            if _SEGMENTS_OFF_CPU and _segments(code_bytes) is not None:
+                segments = functools.partial(_count_below_by_segments, code=code)
+                return jax.lax.platform_dependent(scaled, cpu=buckets, default=segments)
+            return buckets(scaled)
     code = jnp.asarray(code, jnp.float32)
     return _count_below(scaled, (code[:-1] + code[1:]) / 2)
 
@@ -264,10 +328,12 @@ def quantize_blockwise(
     Each element becomes the index of the nearest entry of ``code`` (a sorted map) to ``clip(x /
     absmax, -1, 1)``, with ties going to the lower entry, as bitsandbytes' ``quantize_blockwise``;
     for a 1-D array, or one whose last axis is a multiple of ``block_size``, the codes and absmax
-    equal bitsandbytes'. With a PRNG ``key`` the rounding is stochastic instead
-    ([`stochastic_index`][varjax.quantization.blockwise.stochastic_index]). A given ``absmax`` (as
-    ``block_absmax`` of ``x``) is used instead of reducing ``x`` again, so the codes can be made in
-    one elementwise pass after the reduction.
+    equal bitsandbytes' (on the CPU; on other platforms but for values next to a midpoint,
+    as [`nearest_index`][varjax.quantization.nearest_index] says). With a PRNG ``key``
+    the rounding is stochastic instead
+    ([`stochastic_index`][varjax.quantization.blockwise.stochastic_index]). A given
+    ``absmax`` (as ``block_absmax`` of ``x``) is used instead of reducing ``x`` again, so
+    the codes can be made in one elementwise pass after the reduction.
 
     Args:
       x: the values, any float array (scalars are taken as shape ``(1,)``).
