@@ -249,7 +249,7 @@ def _count_below_by_segments(scaled: jax.Array, code: np.ndarray) -> jax.Array:
 
 # Whether nearest_index uses the segments off the CPU (measured: benchmarks/README.md,
 # "An encoder without gathers").
-_SEGMENTS_OFF_CPU = False
+_SEGMENTS_OFF_CPU = True
 
 
 def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
