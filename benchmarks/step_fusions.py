@@ -16,10 +16,14 @@ that ``apply_updates`` adds in the same kernel. With the dynamic map's codes fou
 by table gathers (``tables``), XLA on an H100 wrote the second pass's new moments
 in float32 and read them back (8 bytes of temporaries per parameter of the largest
 leaf): it does not fuse a computation into a gather's indices. ``segments`` is the
-encoder without gathers (``blockwise._count_below_by_segments``). Other variants: the
-encoded state computed apart from the updates' (``separate``), a linear code as a
-probe of the fastest encoding, and, to bound what XLA writes rather than remove
-it, the CPU's chunked first pass with large chunks.
+encoder without gathers (``blockwise._count_below_by_segments``); with it XLA still
+wrote the block-scaled second moment (AdamW) and Lion's moment in float32. Other
+variants: the encoded state computed apart from the updates' (``separate``), the
+scaling by a per-element absmax instead of a blocked reshape (``scaled per
+element``), 4-bit codes unpacked by stacking two arrays as before 2026-12-07
+(``stacked unpack``), a linear code as a probe of the fastest encoding, and, to
+bound what XLA writes rather than remove it, the CPU's chunked first pass with
+large chunks.
 
 Probes compute wrong codes on purpose (a linear code in place of the dynamic
 map's tables): they show what a piece costs, or whether it keeps XLA from fusing,
@@ -41,6 +45,7 @@ import statistics
 import sys
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tests"))
@@ -49,10 +54,26 @@ from quantized_profile import compiled_runner, linear_codes, patched
 from step_time import LR, machine
 
 import varjax
+from varjax.quantization import blockwise
 
+
+def stacked_unpack_4bit(packed, length):  # the unpacking before 2026-12-07 (same codes)
+    pairs = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+    return pairs.reshape(*packed.shape[:-1], -1)[..., :length]
+
+
+def scaled_per_element(x, block_size, absmax=None):  # the CPU's layout where absmax is given
+    if absmax is None:
+        return BLOCKS(x, block_size)
+    return blockwise._scaled_in_windows(x, block_size, absmax)
+
+
+BLOCKS = blockwise._scaled_in_blocks
 SEPARATE = {"wrapper._SEPARATE_ENCODE": True}
+PER_ELEMENT = {"blockwise._scaled_in_blocks": scaled_per_element}
 SEGMENTS = {"blockwise._SEGMENTS_OFF_CPU": True}
 TABLES = {"blockwise._SEGMENTS_OFF_CPU": False}
+STACKED_UNPACK = {"wrapper.unpack_4bit": stacked_unpack_4bit}
 
 # (name, optimizer, settings: {"module.attribute": value}): the new state shared by
 # the updates and the encoding, encoded by the bucket tables (``tables``) or without
@@ -61,6 +82,7 @@ VARIANTS = [
     ("adamw_8bit segments", "adamw_8bit", SEGMENTS),
     ("adamw_8bit tables", "adamw_8bit", TABLES),
     ("adamw_8bit segments, separate", "adamw_8bit", SEGMENTS | SEPARATE),
+    ("adamw_8bit segments, scaled per element", "adamw_8bit", SEGMENTS | PER_ELEMENT),
     ("adamw_8bit linear encode probe", "adamw_8bit", {"blockwise.nearest_index": linear_codes}),
     # the CPU's path: the first pass in a loop over chunks of rows that also makes the
     # codes, the updates from a whole-leaf second pass (temporaries bounded by a chunk
@@ -72,8 +94,10 @@ VARIANTS = [
     ),
     ("adamw_4bit segments", "adamw_4bit", SEGMENTS),
     ("adamw_4bit tables", "adamw_4bit", TABLES),
+    ("adamw_4bit segments, stacked unpack", "adamw_4bit", SEGMENTS | STACKED_UNPACK),
     ("lion_8bit segments", "lion_8bit", SEGMENTS),
     ("lion_8bit tables", "lion_8bit", TABLES),
+    ("lion_8bit segments, scaled per element", "lion_8bit", SEGMENTS | PER_ELEMENT),
     ("ademamix_8bit segments", "ademamix_8bit", SEGMENTS),
     ("ademamix_8bit tables", "ademamix_8bit", TABLES),
 ]

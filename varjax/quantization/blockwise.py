@@ -428,7 +428,9 @@ def unpack_4bit(packed: jax.Array, length: int) -> jax.Array:
       >>> unpack_4bit(packed, 3).tolist()
       [1, 2, 15]
     """
-    pairs = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+    # each byte broadcast against the two shifts, not a stack of two arrays: XLA on an
+    # H100 wrote a stack's concatenate out as its own kernel, one byte per code
+    pairs = (packed[..., None] >> jnp.asarray([0, 4], jnp.uint8)) & 0xF
     return pairs.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
