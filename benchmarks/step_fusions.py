@@ -17,10 +17,11 @@ by table gathers (``tables``), XLA on an H100 wrote the second pass's new moment
 in float32 and read them back (8 bytes of temporaries per parameter of the largest
 leaf): it does not fuse a computation into a gather's indices. ``segments`` is the
 encoder without gathers (``blockwise._count_below_by_segments``); with it XLA still
-wrote the block-scaled second moment (AdamW) and Lion's moment in float32. Other
-variants: the encoded state computed apart from the updates' (``separate``), the
-scaling by a per-element absmax instead of a blocked reshape (``scaled per
-element``), 4-bit codes unpacked by stacking two arrays as before 2026-12-07
+wrote the block-scaled second moment (AdamW) and Lion's moment in float32 until the
+second pass scaled by a per-element absmax (``blockwise._GIVEN_ABSMAX_PER_ELEMENT``).
+Other variants: the encoded state computed apart from the updates' (``separate``), the
+second pass's scaling by a blocked reshape (``blocked scaling``) rather than by a
+per-element absmax, 4-bit codes unpacked by stacking two arrays as before 2026-12-07
 (``stacked unpack``), a linear code as a probe of the fastest encoding, and, to
 bound what XLA writes rather than remove it, the CPU's chunked first pass with
 large chunks.
@@ -54,7 +55,6 @@ from quantized_profile import compiled_runner, linear_codes, patched
 from step_time import LR, machine
 
 import varjax
-from varjax.quantization import blockwise
 
 
 def stacked_unpack_4bit(packed, length):  # the unpacking before 2026-12-07 (same codes)
@@ -62,15 +62,8 @@ def stacked_unpack_4bit(packed, length):  # the unpacking before 2026-12-07 (sam
     return pairs.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
-def scaled_per_element(x, block_size, absmax=None):  # the CPU's layout where absmax is given
-    if absmax is None:
-        return BLOCKS(x, block_size)
-    return blockwise._scaled_in_windows(x, block_size, absmax)
-
-
-BLOCKS = blockwise._scaled_in_blocks
 SEPARATE = {"wrapper._SEPARATE_ENCODE": True}
-PER_ELEMENT = {"blockwise._scaled_in_blocks": scaled_per_element}
+BLOCKED = {"blockwise._GIVEN_ABSMAX_PER_ELEMENT": False}
 SEGMENTS = {"blockwise._SEGMENTS_OFF_CPU": True}
 TABLES = {"blockwise._SEGMENTS_OFF_CPU": False}
 STACKED_UNPACK = {"wrapper.unpack_4bit": stacked_unpack_4bit}
@@ -82,7 +75,7 @@ VARIANTS = [
     ("adamw_8bit segments", "adamw_8bit", SEGMENTS),
     ("adamw_8bit tables", "adamw_8bit", TABLES),
     ("adamw_8bit segments, separate", "adamw_8bit", SEGMENTS | SEPARATE),
-    ("adamw_8bit segments, scaled per element", "adamw_8bit", SEGMENTS | PER_ELEMENT),
+    ("adamw_8bit segments, blocked scaling", "adamw_8bit", SEGMENTS | BLOCKED),
     ("adamw_8bit linear encode probe", "adamw_8bit", {"blockwise.nearest_index": linear_codes}),
     # the CPU's path: the first pass in a loop over chunks of rows that also makes the
     # codes, the updates from a whole-leaf second pass (temporaries bounded by a chunk
@@ -97,10 +90,25 @@ VARIANTS = [
     ("adamw_4bit segments, stacked unpack", "adamw_4bit", SEGMENTS | STACKED_UNPACK),
     ("lion_8bit segments", "lion_8bit", SEGMENTS),
     ("lion_8bit tables", "lion_8bit", TABLES),
-    ("lion_8bit segments, scaled per element", "lion_8bit", SEGMENTS | PER_ELEMENT),
+    ("lion_8bit segments, blocked scaling", "lion_8bit", SEGMENTS | BLOCKED),
     ("ademamix_8bit segments", "ademamix_8bit", SEGMENTS),
     ("ademamix_8bit tables", "ademamix_8bit", TABLES),
 ]
+
+
+def compile_only_gpu_array(shape: tuple, target_config: pathlib.Path) -> jax.ShapeDtypeStruct:
+    """A float32 array of ``shape`` on a compile-only GPU described by ``target_config``:
+    steps of it compile for that GPU on a machine without one (XLA's deviceless
+    compilation, through the CUDA PJRT plugin). varjax picks its GPU paths by
+    ``jax.default_backend()``, so that is made to say "gpu" for this process."""
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(
+        platform="cuda", topology="1x1x1", target_config=target_config.read_text()
+    )
+    jax.default_backend = lambda: "gpu"
+    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
 
 
 def kernels(hlo: str, leaf_elements: int) -> list[str]:
@@ -132,12 +140,24 @@ def main() -> None:
     parser.add_argument("--no-time", action="store_true")
     parser.add_argument("--dump", type=pathlib.Path, default=None)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--compile-only-for",
+        type=pathlib.Path,
+        default=None,
+        help="a GPU target config (text proto, as benchmarks/h100_sxm.txtpb): compile for "
+        "that GPU without one (needs jax-cuda12-plugin and -pjrt of jax's version), no timing",
+    )
     args = parser.parse_args()
     info = machine()
     shape = (args.rows, 4096)
     n = args.rows * 4096
-    params = {"w": 0.02 * jax.random.normal(jax.random.key(0), shape)}
-    grads = {"w": 0.02 * jax.random.normal(jax.random.key(1), shape)}
+    if args.compile_only_for is not None:
+        params = grads = {"w": compile_only_gpu_array(shape, args.compile_only_for)}
+        args.no_time = True
+        info["platform"], info["device"] = "gpu compile-only", args.compile_only_for.stem
+    else:
+        params = {"w": 0.02 * jax.random.normal(jax.random.key(0), shape)}
+        grads = {"w": 0.02 * jax.random.normal(jax.random.key(1), shape)}
     wanted = [w for w in args.only.split(";") if w]
     report = {"machine": info, "rows": args.rows, "variants": {}}
     runners = {}
@@ -147,6 +167,8 @@ def main() -> None:
         with patched(settings):
             tx = getattr(varjax, optimizer)(LR)
             state = jax.eval_shape(tx.init, params)
+            if args.compile_only_for is not None:  # on the compile-only GPU too
+                state = jax.tree.map(lambda a, w=params["w"]: a.update(sharding=w.sharding), state)
             compiled = donating_train_step(tx).lower(params, state, grads).compile()
             runner = None if args.no_time else compiled_runner(tx, params, grads)
         hlo = compiled.as_text()
@@ -179,7 +201,7 @@ def main() -> None:
             print(f"step {name:<48} {ms:7.3f} ms", flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"step_fusions_{info['platform']}.json").write_text(
+        (args.out / f"step_fusions_{info['platform'].replace(' ', '_')}.json").write_text(
             json.dumps(report, indent=1)
         )
 

@@ -82,6 +82,14 @@ def _scaled_in_windows(
     return jnp.clip(x * inverse, -1.0, 1.0), absmax
 
 
+# Whether a given absmax scales ``x`` per element (the CPU's layout) on every platform.
+# The blocked reshape is for the reduction; with the absmax given, it kept XLA:GPU from
+# fusing the second moment's encoding with the update: a donated 8-bit AdamW step on one
+# leaf of 16,384 x 4096 compiled for an H100 with 5.06 B/param of temporaries blocked,
+# 2.06 per element (the new codes only; benchmarks/README.md, "An encoder without gathers").
+_GIVEN_ABSMAX_PER_ELEMENT = True
+
+
 def _times_absmax_in_blocks(values: jax.Array, absmax: jax.Array, block_size: int) -> jax.Array:
     return _unblocked(_blocks(values, block_size) * absmax[..., None], values.shape[-1])
 
@@ -371,7 +379,10 @@ def quantize_blockwise(
         def windows(x, *given):
             return _scaled_in_windows(x, block_size, *given)
 
-        scaled, absmax = jax.lax.platform_dependent(x, *given, cpu=windows, default=blocks)
+        if given and _GIVEN_ABSMAX_PER_ELEMENT:
+            scaled, absmax = windows(x, *given)
+        else:
+            scaled, absmax = jax.lax.platform_dependent(x, *given, cpu=windows, default=blocks)
         index = nearest_index(scaled, code)
     else:  # one layout everywhere, so that the random draws agree across platforms
         scaled, absmax = blocks(x, *given)
