@@ -33,6 +33,13 @@ never a result. With ``--dump`` each variant's optimized HLO is written there.
 Rerun (from the repository root, on the GPU machine):
 
     python benchmarks/step_fusions.py --rows 16384 --dump /tmp/hlo
+
+or, compiled for an H100 on any machine without timing (the CUDA PJRT plugin of
+jax's version, kept out of the environment: it is for this script alone):
+
+    pip install --no-deps --target /tmp/cuda jax-cuda12-plugin==X jax-cuda12-pjrt==X
+    PYTHONPATH=/tmp/cuda JAX_PLATFORMS=cpu python benchmarks/step_fusions.py \
+        --rows 16384 --compile-only-for benchmarks/h100_sxm.txtpb --out /tmp
 """
 
 from __future__ import annotations
