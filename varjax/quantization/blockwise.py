@@ -86,7 +86,8 @@ def _scaled_in_windows(
 # The blocked reshape is for the reduction; with the absmax given, it kept XLA:GPU from
 # fusing the second moment's encoding with the update: a donated 8-bit AdamW step on one
 # leaf of 16,384 x 4096 compiled for an H100 with 5.06 B/param of temporaries blocked,
-# 2.06 per element (the new codes only; benchmarks/README.md, "An encoder without gathers").
+# 2.06 per element (the new codes only; benchmarks/README.md, "Compiling for the GPU
+# without one, and the per-element scaling").
 _GIVEN_ABSMAX_PER_ELEMENT = True
 
 
