@@ -19,6 +19,10 @@ leaf): it does not fuse a computation into a gather's indices. ``segments`` is t
 encoder without gathers (``blockwise._count_below_by_segments``); with it XLA still
 wrote the block-scaled second moment (AdamW) and Lion's moment in float32 until the
 second pass scaled by a per-element absmax (``blockwise._GIVEN_ABSMAX_PER_ELEMENT``).
+Then the new codes still went to temporaries and were copied over the donated ones:
+XLA writes over an input only where the kernel's every use of it is elementwise, and
+the codes were decoded by a gather from the map (``table decode``), until the decoder
+without gathers (``blockwise._entries_by_runs``). ``tables`` is both by the tables.
 Other variants: the encoded state computed apart from the updates' (``separate``), the
 second pass's scaling by a blocked reshape (``blocked scaling``) rather than by a
 per-element absmax, 4-bit codes unpacked by stacking two arrays as before 2026-12-07
@@ -72,15 +76,17 @@ def stacked_unpack_4bit(packed, length):  # the unpacking before 2026-12-07 (sam
 SEPARATE = {"wrapper._SEPARATE_ENCODE": True}
 BLOCKED = {"blockwise._GIVEN_ABSMAX_PER_ELEMENT": False}
 SEGMENTS = {"blockwise._SEGMENTS_OFF_CPU": True}
-TABLES = {"blockwise._SEGMENTS_OFF_CPU": False}
+TABLES = {"blockwise._SEGMENTS_OFF_CPU": False, "blockwise._RUNS_OFF_CPU": False}
+TABLE_DECODE = {"blockwise._RUNS_OFF_CPU": False}
 STACKED_UNPACK = {"wrapper.unpack_4bit": stacked_unpack_4bit}
 
 # (name, optimizer, settings: {"module.attribute": value}): the new state shared by
-# the updates and the encoding, encoded by the bucket tables (``tables``) or without
-# gathers (``segments``)
+# the updates and the encoding, encoded and decoded by the tables (``tables``) or
+# encoded without gathers (``segments``)
 VARIANTS = [
     ("adamw_8bit segments", "adamw_8bit", SEGMENTS),
     ("adamw_8bit tables", "adamw_8bit", TABLES),
+    ("adamw_8bit segments, table decode", "adamw_8bit", SEGMENTS | TABLE_DECODE),
     ("adamw_8bit segments, separate", "adamw_8bit", SEGMENTS | SEPARATE),
     ("adamw_8bit segments, blocked scaling", "adamw_8bit", SEGMENTS | BLOCKED),
     ("adamw_8bit linear encode probe", "adamw_8bit", {"blockwise.nearest_index": linear_codes}),
@@ -97,8 +103,10 @@ VARIANTS = [
     ("adamw_4bit segments, stacked unpack", "adamw_4bit", SEGMENTS | STACKED_UNPACK),
     ("lion_8bit segments", "lion_8bit", SEGMENTS),
     ("lion_8bit tables", "lion_8bit", TABLES),
+    ("lion_8bit segments, table decode", "lion_8bit", SEGMENTS | TABLE_DECODE),
     ("lion_8bit segments, blocked scaling", "lion_8bit", SEGMENTS | BLOCKED),
     ("ademamix_8bit segments", "ademamix_8bit", SEGMENTS),
+    ("ademamix_8bit segments, table decode", "ademamix_8bit", SEGMENTS | TABLE_DECODE),
     ("ademamix_8bit tables", "ademamix_8bit", TABLES),
 ]
 

@@ -170,6 +170,22 @@ def _count_below_by_buckets(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     return _take(below, key).astype(jnp.int32) + above
 
 
+def _folded(code: np.ndarray) -> tuple[bool, np.ndarray]:
+    """Whether the sorted ``code`` mirrors its negative entries (a signed dynamic map:
+    one 0, each negative entry the negative of a positive one, at most one positive
+    entry more) and then ``[0, *positive entries]``, else ``code`` itself. Entry
+    ``n + h`` of a mirrored map is ``half[h]`` and entry ``n - h`` is ``-half[h]``,
+    ``n`` the number of negative entries."""
+    positive, negative = code[code > 0], code[code < 0]
+    mirrored = bool(
+        negative.size > 0
+        and np.count_nonzero(code == 0) == 1
+        and positive.size in (negative.size, negative.size + 1)
+        and np.array_equal(-negative[::-1], positive[: negative.size])
+    )
+    return mirrored, np.concatenate([np.float32([0.0]), positive]) if mirrored else code
+
+
 # Runs of midpoints count as evenly spaced when each lies within this share of the run's
 # step of its place on the line fitted through the run (float32 rounding of the map
 # leaves them about 4e-6 of a step off in the 8-bit dynamic map's top decade).
@@ -191,16 +207,7 @@ def _segments(code_bytes: bytes) -> tuple | None:
     ``None`` when a run does not lie on a line or there are more than
     ``_MAX_SEGMENTS`` segments (the caller then uses the bucket tables).
     """
-    code = np.frombuffer(code_bytes, np.float32)
-    positive = code[code > 0]
-    negative = code[code < 0]
-    mirrored = (
-        negative.size > 0
-        and np.count_nonzero(code == 0) == 1
-        and positive.size in (negative.size, negative.size + 1)
-        and np.array_equal(-negative[::-1], positive[: negative.size])
-    )
-    half = np.concatenate([np.float32([0.0]), positive]) if mirrored else code
+    mirrored, half = _folded(np.frombuffer(code_bytes, np.float32))
     mids = _midpoints(half).astype(np.float64)
     segments, j = [], 0
     while j < mids.size:
@@ -446,6 +453,125 @@ def unpack_4bit(packed: jax.Array, length: int) -> jax.Array:
     return pairs.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
+# A decoded value off the CPU may differ from its map entry by this many units in the last
+# place of the entry (the fits below reach 1 for the signed 8-bit dynamic map, 2 for the
+# unsigned one); more than _MAX_RUNS runs and the table is read instead.
+_DECODE_ULPS = 2
+_MAX_RUNS = 16
+
+
+def _run_values(offset: int, slope: int, shift: int, h: np.ndarray) -> np.ndarray:
+    """``_entries_by_runs``' arithmetic in NumPy, for one run: ``offset + slope * h`` in
+    uint32 (wrapping), read as int32, converted to float32 and scaled by ``2**-shift``."""
+    n = np.uint32(offset) + np.uint32(slope) * np.asarray(h, np.uint32)
+    return n.view(np.int32).astype(np.float32) * np.float32(2.0**-shift)
+
+
+def _run_fit(values: np.ndarray, start: int) -> tuple[int, int, int] | None:
+    """``(offset, slope, shift)`` with which ``_run_values`` gives ``values`` (the map
+    entries from index ``start`` on) within ``_DECODE_ULPS`` units in the last place,
+    its first entry exactly, with the slope near the line through the ends that is
+    closest; ``None`` if none is close enough.
+
+    ``shift`` puts the largest magnitude in [2**30, 2**31): the integers carry 7 bits
+    more than float32 at the top of the run, enough for the decade of a dynamic map.
+    """
+    top = float(np.abs(values).max())
+    shift = 30 - (int(np.floor(np.log2(top))) if top > 0 else 0)
+    first = float(values[0]) * 2.0**shift
+    if not 0 <= shift <= 126 or first != int(first):
+        return None
+    n = values.size
+    guess = round((float(values[-1]) * 2.0**shift - first) / (n - 1)) if n > 1 else 0
+    h = np.arange(start, start + n)
+    allowed = _DECODE_ULPS * np.spacing(np.abs(values)).astype(np.float64)
+    best, best_error = None, np.inf
+    for slope in range(guess - 4, guess + 5):
+        offset = (int(first) - slope * start) % 2**32
+        decoded = _run_values(offset, slope % 2**32, shift, h).astype(np.float64)
+        error = np.max(np.abs(decoded - values) / allowed)
+        if error <= 1 and error < best_error:
+            best, best_error = (offset, slope % 2**32, shift), error
+    return best
+
+
+@functools.lru_cache(maxsize=32)
+def _runs(code_bytes: bytes) -> tuple | None:
+    """The map as a few runs of entries that lie on a line, for
+    ``_entries_by_runs``: ``(mirrored, negatives, starts, offsets, slopes, scales)``.
+
+    A mirrored map (``_folded``) is cut on its half ``[0, *positive entries]``. Each
+    run, from the entry at ``starts[r]`` on, is read as ``(offsets[r] + slopes[r] * h)
+    * scales[r]`` for index ``h`` (``_run_values``), its integers within 2**31: a decade of
+    the dynamic map is one run. ``None`` when more than ``_MAX_RUNS`` runs are needed.
+    """
+    code = np.frombuffer(code_bytes, np.float32)
+    mirrored, half = _folded(code)
+    runs, start = [], 0
+    while start < half.size:
+        fit, end = None, start + 1
+        while end <= half.size and (trial := _run_fit(half[start:end], start)) is not None:
+            fit, end = trial, end + 1
+        if fit is None or len(runs) == _MAX_RUNS:
+            return None
+        runs.append((start, *fit))
+        start = end - 1
+    starts, offsets, slopes, shifts = zip(*runs, strict=True)
+    return (
+        mirrored,
+        int(np.count_nonzero(code < 0)),
+        np.asarray(starts, np.uint32),
+        np.asarray(offsets, np.uint32),
+        np.asarray(slopes, np.uint32),
+        np.asarray([2.0**-s for s in shifts], np.float32),
+    )
+
+
+def _entries_by_table(index: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
+    return _take(jnp.asarray(code, jnp.float32), index, mode="clip")
+
+
+def _entries_by_runs(index: jax.Array, code: np.ndarray) -> jax.Array:
+    """``code[index]`` from ``_runs``, within ``_DECODE_ULPS`` units in the last place:
+    a chain of compares and selects over a few integer constants, without a gather.
+
+    Integer arithmetic, a conversion and a power-of-two scale: the same values on every
+    platform. XLA:GPU writes a kernel's output over an input it reads (a donated
+    state's codes) only when each of its uses is elementwise, which a gather's indices
+    are not: decoded from the table, the new codes of an 8-bit AdamW step went to a
+    temporary and were then copied (2 bytes per parameter, compiled for an H100).
+    """
+    code = np.asarray(code, np.float32)
+    mirrored, negatives, starts, offsets, slopes, scales = _runs(code.tobytes())
+    index = jnp.clip(index.astype(jnp.int32), 0, code.size - 1)
+    h = (jnp.abs(index - negatives) if mirrored else index).astype(jnp.uint32)
+    offset, slope, scale = offsets[0], slopes[0], scales[0]
+    for r in range(1, starts.size):
+        past = h >= starts[r]
+        offset = jnp.where(past, offsets[r], offset)
+        slope = jnp.where(past, slopes[r], slope)
+        scale = jnp.where(past, scales[r], scale)
+    value = jax.lax.bitcast_convert_type(offset + slope * h, jnp.int32).astype(jnp.float32)
+    value = value * scale
+    return jnp.where(index < negatives, -value, value) if mirrored else value
+
+
+# Whether dequantize_blockwise reads a map by its runs off the CPU (measured:
+# benchmarks/README.md, "A decoder without gathers").
+_RUNS_OFF_CPU = True
+
+
+def _entries(index: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
+    """``code[index]``, indices past the map's end reading its last entry: off the CPU,
+    for a map known at trace time, by its runs (``_entries_by_runs``)."""
+    by_table = functools.partial(_entries_by_table, code=code)
+    if isinstance(code, np.ndarray) and _RUNS_OFF_CPU:
+        if _runs(np.asarray(code, np.float32).tobytes()) is not None:
+            by_runs = functools.partial(_entries_by_runs, code=code)
+            return jax.lax.platform_dependent(index, cpu=by_table, default=by_runs)
+    return by_table(index)
+
+
 def dequantize_blockwise(
     codes: jax.Array,
     absmax: jax.Array,
@@ -477,7 +603,6 @@ def dequantize_blockwise(
       >>> [round(v, 3) for v in restored.tolist()]  # the signed map stops at -0.993
       [0.501, -0.993, 0.242, 2.0]
     """
-    code = jnp.asarray(code, jnp.float32)
     shape = jnp.shape(codes)
     n = shape[-1] if shape else 1
     if absmax.shape[-1] != -(-n // block_size):
@@ -486,7 +611,7 @@ def dequantize_blockwise(
             f"{block_size} need {-(-n // block_size)}"
         )
     # codes past a short map read its last entry
-    values = _take(code, jnp.atleast_1d(codes).astype(jnp.int32), mode="clip")
+    values = _entries(jnp.atleast_1d(codes).astype(jnp.int32), code)
     values = jax.lax.platform_dependent(
         values,
         absmax,
