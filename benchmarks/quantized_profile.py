@@ -77,7 +77,7 @@ def probes(rows: int, block: int = 256) -> dict[str, float]:
 
     def decode_arith(q, absmax):
         values = q.astype(jnp.float32) * (1 / 127.0) - 1.0
-        return blockwise._times_absmax_in_blocks(values, absmax, block)
+        return blockwise._times_absmax_in_windows(values, absmax, block)
 
     def decode_gather_only(q):
         return jnp.take(table, q.astype(jnp.int32), mode="clip")

@@ -61,9 +61,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tests"))
+from compile_only import gpu_sharding, placed
 from memory import donating_train_step
 from quantized_profile import compiled_runner, linear_codes, patched
-from step_time import LR, machine
+from step_time import LR, machine, write_results
 
 import varjax
 
@@ -111,21 +112,6 @@ VARIANTS = [
 ]
 
 
-def compile_only_gpu_array(shape: tuple, target_config: pathlib.Path) -> jax.ShapeDtypeStruct:
-    """A float32 array of ``shape`` on a compile-only GPU described by ``target_config``:
-    steps of it compile for that GPU on a machine without one (XLA's deviceless
-    compilation, through the CUDA PJRT plugin). varjax picks its GPU paths by
-    ``jax.default_backend()``, so that is made to say "gpu" for this process."""
-    from jax.experimental import topologies
-
-    topology = topologies.get_topology_desc(
-        platform="cuda", topology="1x1x1", target_config=target_config.read_text()
-    )
-    jax.default_backend = lambda: "gpu"
-    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
-    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-
-
 def kernels(hlo: str, leaf_elements: int) -> list[str]:
     """The entry computation's fusions and copies, each with the leaf-sized arrays it writes."""
     entry = hlo[hlo.index("\nENTRY") :]
@@ -155,6 +141,7 @@ def main() -> None:
     parser.add_argument("--no-time", action="store_true")
     parser.add_argument("--dump", type=pathlib.Path, default=None)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--tag", default="")
     parser.add_argument(
         "--compile-only-for",
         type=pathlib.Path,
@@ -167,7 +154,8 @@ def main() -> None:
     shape = (args.rows, 4096)
     n = args.rows * 4096
     if args.compile_only_for is not None:
-        params = grads = {"w": compile_only_gpu_array(shape, args.compile_only_for)}
+        sharding = gpu_sharding(args.compile_only_for)
+        params = grads = placed({"w": jax.ShapeDtypeStruct(shape, jnp.float32)}, sharding)
         args.no_time = True
         info["platform"], info["device"] = "gpu compile-only", args.compile_only_for.stem
     else:
@@ -183,7 +171,7 @@ def main() -> None:
             tx = getattr(varjax, optimizer)(LR)
             state = jax.eval_shape(tx.init, params)
             if args.compile_only_for is not None:  # on the compile-only GPU too
-                state = jax.tree.map(lambda a, w=params["w"]: a.update(sharding=w.sharding), state)
+                state = placed(state, sharding)
             compiled = donating_train_step(tx).lower(params, state, grads).compile()
             runner = None if args.no_time else compiled_runner(tx, params, grads)
         hlo = compiled.as_text()
@@ -215,10 +203,33 @@ def main() -> None:
             report["variants"][name]["step_ms"] = ms
             print(f"step {name:<48} {ms:7.3f} ms", flush=True)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"step_fusions_{info['platform'].replace(' ', '_')}.json").write_text(
-            json.dumps(report, indent=1)
+        write_results(
+            args.out,
+            f"step_fusions_{info['platform'].replace(' ', '_')}{args.tag}",
+            to_markdown(report, args.rows),
+            report,
         )
+
+
+def to_markdown(report: dict, rows: int) -> str:
+    info = report["machine"]
+    lines = [
+        f"# step_fusions.py: one leaf of {rows:,} x 4096",
+        "",
+        f"- machine: {info['platform']} / {info['device']} / {info['cpu']} / {info['cores']} cores",
+        f"- software: jax {info['jax']}, optax {info['optax']}, varjax {info['varjax']}, "
+        f"{info['date']}",
+        "- XLA temp: `compiled.memory_analysis().temp_size_in_bytes` / parameter; ms: median "
+        "step time (not measured when compiled only)",
+        "",
+        "| variant | XLA temp B/param | ms | kernels writing leaf-sized arrays |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for name, v in report["variants"].items():
+        written = "; ".join(k for k in v["kernels"] if not k.endswith("small arrays"))
+        ms = f"{v['step_ms']:.3f}" if "step_ms" in v else ""
+        lines.append(f"| {name} | {v['temp_bytes_per_param']:.3f} | {ms} | {written} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -77,13 +77,15 @@ def test_size_sweep_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
 
 def test_step_temps_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
     command = [sys.executable, str(ROOT / "benchmarks" / "step_temps.py"), "--shapes", "64x512"]
-    command += ["--only", "optax.adamw,adamw_8bit", "--out", str(tmp_path)]
+    command += ["--trees", "large:2:65536", "--only", "optax.adamw,adamw_8bit", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
     record = json.loads(next(tmp_path.glob("step_temps_*.json")).read_text())
-    temps = {row["optimizer"]: row["temp_bytes_per_param"] for row in record["rows"]}
-    assert temps["optax.adamw"] < 0.01  # fused into apply_updates, in place: a few scalars
-    assert temps["adamw_8bit"] > 0.0  # at least the new codes beside the old
-    assert "| 64x512 | adamw_8bit |" in next(tmp_path.glob("step_temps_*.md")).read_text()
+    temps = {(r["tree"], r["optimizer"]): r["temp_bytes_per_param"] for r in record["rows"]}
+    assert temps["64x512", "optax.adamw"] < 0.01  # fused into apply_updates, in place
+    assert temps["64x512", "adamw_8bit"] > 0.0  # at least the new codes beside the old
+    assert temps["large:2:65536", "adamw_8bit"] > 0.0  # two leaves of 2 x 16384
+    table = next(tmp_path.glob("step_temps_*.md")).read_text()
+    assert "| 64x512 | adamw_8bit |" in table and "| large:2:65536 | adamw_8bit |" in table
 
 
 def test_step_fusions_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
@@ -96,6 +98,7 @@ def test_step_fusions_runs_and_writes_results(tmp_path: pathlib.Path) -> None:
         # the codes of both moments are written by some kernel, and the step was timed
         assert sum("u8[64,4096]" in kernel for kernel in variant["kernels"]) >= 2
         assert variant["timed_step_compiles_alike"] and variant["step_ms"] > 0
+    assert "| adamw_8bit tables |" in next(tmp_path.glob("step_fusions_*.md")).read_text()
 
 
 def test_encoder_check_runs_and_writes_results(tmp_path: pathlib.Path) -> None:

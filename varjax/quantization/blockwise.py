@@ -91,10 +91,6 @@ def _scaled_in_windows(
 _GIVEN_ABSMAX_PER_ELEMENT = True
 
 
-def _times_absmax_in_blocks(values: jax.Array, absmax: jax.Array, block_size: int) -> jax.Array:
-    return _unblocked(_blocks(values, block_size) * absmax[..., None], values.shape[-1])
-
-
 def _times_absmax_in_windows(values: jax.Array, absmax: jax.Array, block_size: int) -> jax.Array:
     return values * _per_element(absmax, block_size, values.shape[-1])
 
@@ -612,10 +608,9 @@ def dequantize_blockwise(
         )
     # codes past a short map read its last entry
     values = _entries(jnp.atleast_1d(codes).astype(jnp.int32), code)
-    values = jax.lax.platform_dependent(
-        values,
-        absmax,
-        cpu=functools.partial(_times_absmax_in_windows, block_size=block_size),
-        default=functools.partial(_times_absmax_in_blocks, block_size=block_size),
-    )
+    # per element on every platform: the blocked reshape pads a last axis that is not a
+    # multiple of block_size, and XLA:GPU could then not write a step's new codes over
+    # the old ones (4096 x 1088, adamw_8bit: 2.07 against 0.09 B/param of temporaries,
+    # compiled for an H100)
+    values = _times_absmax_in_windows(values, absmax, block_size)
     return values.reshape(shape).astype(dtype)
