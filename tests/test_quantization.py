@@ -31,7 +31,7 @@ import pytest
 import torch
 from checkpoints import orbax_round_trip
 from host_devices import run_on_host_devices
-from memory import donated_step_temporary_bytes
+from memory import donated_step_temporary_bytes, donating_train_step
 from tolerances import assert_close
 
 import varjax
@@ -719,6 +719,33 @@ def test_run_decoder_is_used_off_the_cpu_only() -> None:
     assert "gather" not in lowered("cuda") and "gather" not in lowered("tpu")
     with mock.patch.object(blockwise, "_RUNS_OFF_CPU", False):
         assert "gather" in lowered("cuda")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: varjax.adamw_8bit(1e-3),
+        lambda: varjax.lion_8bit(1e-3),
+        lambda: varjax.ademamix_8bit(1e-3),
+        lambda: optax.chain(quantize_state(optax.scale_by_adam()), optax.scale(-1e-3)),
+    ],
+    ids=["adamw_8bit", "lion_8bit", "ademamix_8bit", "quantize_state(scale_by_adam)"],
+)
+def test_8bit_step_has_no_gather_off_the_cpu(make) -> None:
+    """A donated 8-bit step exported for GPU decodes and encodes its state without a
+    gather, so that XLA:GPU can fuse it and write the new codes over the old ones;
+    for the CPU it reads the tables."""
+    tx = make()
+    params = {"w": jax.ShapeDtypeStruct((64, 512), jnp.float32)}
+    params["b"] = jax.ShapeDtypeStruct((512,), jnp.float32)
+    state = jax.eval_shape(tx.init, params)
+
+    def exported(platform: str) -> str:
+        step = jax.export.export(donating_train_step(tx), platforms=[platform])
+        return step(params, state, params).mlir_module()
+
+    assert "stablehlo.gather" not in exported("cuda")
+    assert "stablehlo.gather" in exported("cpu")
 
 
 def nearest_quantize_torch(x, code, absmax_out, codes_out, block_size) -> None:

@@ -18,8 +18,8 @@ from varjax import roles as roles_lib
 from varjax._base import check_integer, check_same_structure, shape_witness
 from varjax.quantization import leafwise
 from varjax.quantization.blockwise import (
+    _dequantized,
     block_absmax,
-    dequantize_blockwise,
     pack_4bit,
     quantize_blockwise,
     unpack_4bit,
@@ -253,7 +253,14 @@ def _expand_leaf(codec: _Codec, x: QuantizedArray) -> jax.Array:
     codes = x.codes
     if x.bits == 4:
         codes = unpack_4bit(codes, x.shape[-1] if x.shape else 1).reshape(x.shape)
-    return dequantize_blockwise(codes, x.absmax, codec.code(x.signed), codec.block_size)
+    # Packed codes are unpacked by a broadcast, so XLA never writes new ones over them and
+    # the map's table costs nothing there; decoded without it, XLA:GPU split the second
+    # pass of a 7,629 x 16,384 adamw_4bit leaf (4.53 against 1.13 B/param of temporaries,
+    # compiled for an H100).
+    by_runs = x.bits == 8
+    return _dequantized(
+        codes, x.absmax, codec.code(x.signed), codec.block_size, jnp.float32, by_runs
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
