@@ -746,6 +746,14 @@ def test_8bit_step_has_no_gather_off_the_cpu(make) -> None:
 
     assert "stablehlo.gather" not in exported("cuda")
     assert "stablehlo.gather" in exported("cpu")
+    # the GPU's two passes: the first, which writes no codes, reads the tables
+    with mock.patch.multiple(wrapper, _TWO_PASSES=True, _CHUNKED=False):
+        jax.clear_caches()
+        assert "stablehlo.gather" in exported("cuda")
+        with mock.patch.object(wrapper, "_FIRST_PASS_BY_TABLE", False):
+            jax.clear_caches()
+            assert "stablehlo.gather" not in exported("cuda")
+    jax.clear_caches()
 
 
 def nearest_quantize_torch(x, code, absmax_out, codes_out, block_size) -> None:

@@ -230,14 +230,15 @@ def _initial_state(codec: _Codec, init: Callable[[PyTree], PyTree], params: PyTr
     return _compress(codec, init(params), None)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _expand(codec: _Codec, tree: PyTree) -> PyTree:
-    """Dequantize every [`QuantizedArray`][varjax.quantization.QuantizedArray] of ``tree``."""
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _expand(codec: _Codec, tree: PyTree, in_place: bool = True) -> PyTree:
+    """Dequantize every [`QuantizedArray`][varjax.quantization.QuantizedArray] of ``tree``;
+    ``in_place``: so that XLA may write new codes over them (`_expand_leaf`)."""
 
     def leaf(x: Any) -> Any:
         if not isinstance(x, QuantizedArray):
             return x
-        return _expand_leaf(codec, x)
+        return _expand_leaf(codec, x, in_place)
 
     return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
 
@@ -248,16 +249,18 @@ def _expand(codec: _Codec, tree: PyTree) -> PyTree:
 # 1.8 s to trace and lower, against 0.2 s for optax.adamw.
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _expand_leaf(codec: _Codec, x: QuantizedArray) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _expand_leaf(codec: _Codec, x: QuantizedArray, in_place: bool = True) -> jax.Array:
     codes = x.codes
     if x.bits == 4:
         codes = unpack_4bit(codes, x.shape[-1] if x.shape else 1).reshape(x.shape)
-    # Packed codes are unpacked by a broadcast, so XLA never writes new ones over them and
-    # the map's table costs nothing there; decoded without it, XLA:GPU split the second
-    # pass of a 7,629 x 16,384 adamw_4bit leaf (4.53 against 1.13 B/param of temporaries,
-    # compiled for an H100).
-    by_runs = x.bits == 8
+    # Off the CPU the map is read by its runs only where XLA may then write the new codes
+    # over these (8-bit codes, in the pass that encodes): the runs cost arithmetic, the
+    # table a copy of the new codes. Packed codes are unpacked by a broadcast, so XLA never
+    # writes new ones over them; decoded by the runs, XLA:GPU split the second pass of a
+    # 7,629 x 16,384 adamw_4bit leaf (4.53 against 1.13 B/param of temporaries, compiled
+    # for an H100).
+    by_runs = in_place and x.bits == 8
     return _dequantized(
         codes, x.absmax, codec.code(x.signed), codec.block_size, jnp.float32, by_runs
     )
@@ -323,6 +326,13 @@ def _use_two_passes() -> bool:
 # buffer of new codes too, and adamw_8bit went from 1.42x to 1.69x optax.adamw's step
 # (benchmarks/results/quantized_step_time_gpu_h100_251M_separate*.md).
 _SEPARATE_ENCODE = False
+
+
+# Whether the first of two passes (which writes no codes) reads the maps from their
+# tables off the CPU, the second by their runs (`_expand_leaf`); the decoded values then
+# differ by at most 2 units in the last place between the passes, so a value may exceed
+# the absmax of its block by as much (the encoder clips it).
+_FIRST_PASS_BY_TABLE = True
 
 
 # Whether update_fn's first pass runs in chunks of rows (`_chunked_first_pass`) for an
@@ -633,7 +643,8 @@ def _whole_leaf_step(
 ) -> tuple[PyTree, PyTree, jax.Array]:
     """The updates, the new stored state and the finite flag, each leaf computed whole."""
     updates, stored = inputs[0], inputs[1]
-    out, new_inner = step(inputs)
+    # a first pass that only gives the absmax writes no codes (`_FIRST_PASS_BY_TABLE`)
+    out, new_inner = step(inputs, not (_use_two_passes() and _FIRST_PASS_BY_TABLE))
     absmax, unchecked = _new_absmax(codec, stored, new_inner, updates)
     finite = all_finite(unchecked) & _all_absmax_finite([a for a in absmax if a is not None])
     if _use_two_passes():
@@ -890,9 +901,10 @@ def quantize_state(
             key, rounding_key = jax.random.split(jax.random.wrap_key_data(state.key))
             key = jax.random.key_data(key)
 
-        def step(inputs: tuple) -> tuple[PyTree, PyTree]:
+        def step(inputs: tuple, in_place: bool = True) -> tuple[PyTree, PyTree]:
             grads, quantized, params, extra_args = inputs
-            out, new_inner = inner.update(grads, expand(quantized), params, **extra_args)
+            decoded = expand(quantized, in_place)
+            out, new_inner = inner.update(grads, decoded, params, **extra_args)
             return jax.tree.map(lambda o, g: o.astype(g.dtype), out, grads), new_inner
 
         inputs = (updates, state.inner_state, params, extra_args)
