@@ -50,7 +50,6 @@ jax's version, kept out of the environment: it is for this script alone):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import re

@@ -845,7 +845,12 @@ def segment_encoder(monkeypatch):
 
 @pytest.mark.parametrize(
     "search",
-    ["nearest", "bitsandbytes", "nearest, segment encoder", "nearest, segment encoder, run decoder"],
+    [
+        "nearest",
+        "bitsandbytes",
+        "nearest, segment encoder",
+        "nearest, segment encoder, run decoder",
+    ],
 )
 def test_trajectory_matches_bitsandbytes_adam8bit(search, monkeypatch, request) -> None:
     """100 steps against bitsandbytes' ``Adam8bit`` (its CPU kernel).

@@ -561,10 +561,13 @@ def _entries(index: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
     """``code[index]``, indices past the map's end reading its last entry: off the CPU,
     for a map known at trace time, by its runs (``_entries_by_runs``)."""
     by_table = functools.partial(_entries_by_table, code=code)
-    if isinstance(code, np.ndarray) and _RUNS_OFF_CPU:
-        if _runs(np.asarray(code, np.float32).tobytes()) is not None:
-            by_runs = functools.partial(_entries_by_runs, code=code)
-            return jax.lax.platform_dependent(index, cpu=by_table, default=by_runs)
+    if (
+        isinstance(code, np.ndarray)
+        and _RUNS_OFF_CPU
+        and _runs(np.asarray(code, np.float32).tobytes()) is not None
+    ):
+        by_runs = functools.partial(_entries_by_runs, code=code)
+        return jax.lax.platform_dependent(index, cpu=by_table, default=by_runs)
     return by_table(index)
 
 
