@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from step_time import machine, shapes_for, write_results
+from step_time import large_shapes, machine, shapes_for, write_results
 
 import varjax
 from varjax.quantization import quantize_state, wrapper
@@ -70,11 +70,6 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     ),
 }
 OOM_OPTIMIZERS = ("optax.adamw", "adamw_8bit", "adamw_4bit")
-
-
-def large_shapes(n_params: int, leaves: int, cols: int) -> dict[str, tuple]:
-    rows = max(1, round(n_params / leaves / cols))
-    return {f"w{i}": (rows, cols) for i in range(leaves)}
 
 
 def filled(shape: tuple, seed: float) -> jax.Array:

@@ -67,7 +67,7 @@ def main() -> None:
     import optax
     from compile_only import gpu_sharding, placed
     from memory import donating_train_step
-    from step_time import machine, shapes_for, write_results
+    from step_time import large_shapes, machine, shapes_for, write_results
 
     import varjax
 
@@ -96,9 +96,7 @@ def main() -> None:
     for text in filter(None, args.trees.split(",")):
         kind, *numbers = text.split(":")
         if kind == "large":
-            leaves, n_params = int(numbers[0]), int(float(numbers[1]))
-            rows = max(1, round(n_params / leaves / 16384))
-            trees[text] = {f"w{i}": (rows, 16384) for i in range(leaves)}
+            trees[text] = large_shapes(int(float(numbers[1])), int(numbers[0]), 16384)
         else:
             trees[text] = shapes_for(int(float(numbers[0])))
     if args.gradient == "computed" and any(len(t) > 1 for t in trees.values()):

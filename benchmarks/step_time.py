@@ -93,6 +93,12 @@ def shapes_for(target: int) -> dict[str, tuple]:
     return best[1]
 
 
+def large_shapes(n_params: int, leaves: int, cols: int) -> dict[str, tuple]:
+    """``leaves`` equal leaves of ``cols`` columns, about ``n_params`` parameters in all."""
+    rows = max(1, round(n_params / leaves / cols))
+    return {f"w{i}": (rows, cols) for i in range(leaves)}
+
+
 def make_tree(shapes: dict[str, tuple], seed: int) -> dict[str, jax.Array]:
     keys = jax.random.split(jax.random.key(seed), len(shapes))
     return {
