@@ -752,13 +752,22 @@ def test_stochastic_encoder_has_no_gather_off_the_cpu() -> None:
         lambda: varjax.lion_8bit(1e-3),
         lambda: varjax.ademamix_8bit(1e-3),
         lambda: optax.chain(quantize_state(optax.scale_by_adam()), optax.scale(-1e-3)),
+        lambda: varjax.adamw_4bit(1e-3),
+        lambda: varjax.lion_4bit(1e-3),
     ],
-    ids=["adamw_8bit", "lion_8bit", "ademamix_8bit", "quantize_state(scale_by_adam)"],
+    ids=[
+        "adamw_8bit",
+        "lion_8bit",
+        "ademamix_8bit",
+        "quantize_state(scale_by_adam)",
+        "adamw_4bit",
+        "lion_4bit",
+    ],
 )
-def test_8bit_step_has_no_gather_off_the_cpu(make) -> None:
-    """A donated 8-bit step exported for GPU decodes and encodes its state without a
-    gather, so that XLA:GPU can fuse it and write the new codes over the old ones;
-    for the CPU it reads the tables."""
+def test_quantized_step_has_no_gather_off_the_cpu(make) -> None:
+    """A donated 8-bit or 4-bit step exported for GPU decodes and encodes its state
+    without a gather, so that XLA:GPU can fuse it and write the new codes over the old
+    ones; for the CPU it reads the tables."""
     tx = make()
     params = {"w": jax.ShapeDtypeStruct((64, 512), jnp.float32)}
     params["b"] = jax.ShapeDtypeStruct((512,), jnp.float32)

@@ -19,6 +19,8 @@ from varjax._base import check_integer, check_same_structure, shape_witness
 from varjax.quantization import leafwise
 from varjax.quantization.blockwise import (
     _dequantized,
+    _nibbles,
+    _packed,
     block_absmax,
     pack_4bit,
     quantize_blockwise,
@@ -255,12 +257,12 @@ def _expand_leaf(codec: _Codec, x: QuantizedArray, in_place: bool = True) -> jax
     if x.bits == 4:
         codes = unpack_4bit(codes, x.shape[-1] if x.shape else 1).reshape(x.shape)
     # Off the CPU the map is read by its runs only where XLA may then write the new codes
-    # over these (8-bit codes, in the pass that encodes): the runs cost arithmetic, the
-    # table a copy of the new codes. Packed codes are unpacked by a broadcast, so XLA never
-    # writes new ones over them; decoded by the runs, XLA:GPU split the second pass of a
-    # 7,629 x 16,384 adamw_4bit leaf (4.53 against 1.13 B/param of temporaries, compiled
-    # for an H100).
-    by_runs = in_place and x.bits == 8
+    # over these (in the pass that encodes): the runs cost arithmetic, the table a copy of
+    # the new codes. Packed codes of an odd last axis are unpacked through a slice, so XLA
+    # never writes new ones over them; decoded by the runs, XLA:GPU split the second pass
+    # of a 4-bit leaf (a 7,629 x 16,384 adamw_4bit leaf, unpacked by a broadcast then:
+    # 4.53 against 1.13 B/param of temporaries, compiled for an H100).
+    by_runs = in_place and (x.bits == 8 or (x.shape[-1] if x.shape else 1) % 2 == 0)
     return _dequantized(
         codes, x.absmax, codec.code(x.signed), codec.block_size, jnp.float32, by_runs
     )
@@ -281,14 +283,26 @@ def _encode_leaf(
     key: jax.Array | None,
 ) -> QuantizedArray:
     codes = _codes_leaf(codec, x, old.signed, old.bits, absmax, key)
-    return _selected(old, absmax, codes, finite)
+    return _selected(old, absmax, codes, finite, as_nibbles=True)
 
 
 def _selected(
-    old: QuantizedArray, absmax: jax.Array, codes: jax.Array, finite: jax.Array
+    old: QuantizedArray,
+    absmax: jax.Array,
+    codes: jax.Array,
+    finite: jax.Array,
+    as_nibbles: bool = False,
 ) -> QuantizedArray:
-    """``old`` with the new ``absmax`` and ``codes`` where ``finite``, as it was where not."""
-    codes = jnp.where(finite, codes, old.codes)
+    """``old`` with the new ``absmax`` and ``codes`` where ``finite``, as it was where not;
+    ``as_nibbles``: packed codes just encoded are selected before their packing."""
+    if as_nibbles and old.bits == 4 and old.codes.shape[-1] * 2 == (old.shape or (1,))[-1]:
+        # A select of the bytes, behind the bitcast that packs them, was a kernel of its
+        # own, which XLA:GPU could not write over the old codes (one leaf of 16,384 x 4096
+        # compiled for an H100: 1.13 against 0.16 B/param of temporaries). Not for codes
+        # from the CPU's chunked pass: there it added a copy of them (0.25 B/param).
+        codes = _packed(jnp.where(finite, _nibbles(codes), _nibbles(old.codes)))
+    else:
+        codes = jnp.where(finite, codes, old.codes)
     absmax = jnp.where(finite, absmax, old.absmax)
     return dataclasses.replace(old, codes=codes, absmax=absmax)
 
