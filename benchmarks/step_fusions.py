@@ -23,7 +23,9 @@ Then the new codes still went to temporaries and were copied over the donated on
 XLA writes over an input only where the kernel's every use of it is elementwise, and
 the codes were decoded by a gather from the map (``table decode``), until the decoder
 without gathers (``blockwise._entries_by_runs``) in the second pass (in both passes:
-``runs in both passes``). ``tables`` is both by the tables.
+``runs in both passes``); a dynamic map's entries are now computed from its decades
+(``blockwise._entries_by_decades``), by its runs before (``runs decode``). ``tables``
+is both by the tables.
 Other variants: the encoded state computed apart from the updates' (``separate``), the
 second pass's scaling by a blocked reshape (``blocked scaling``) rather than by a
 per-element absmax, 4-bit codes unpacked by stacking two arrays as before 2026-12-07
@@ -80,6 +82,7 @@ SEGMENTS = {"blockwise._SEGMENTS_OFF_CPU": True}
 TABLES = {"blockwise._SEGMENTS_OFF_CPU": False, "blockwise._RUNS_OFF_CPU": False}
 TABLE_DECODE = {"blockwise._RUNS_OFF_CPU": False}
 RUNS_BOTH_PASSES = {"wrapper._FIRST_PASS_BY_TABLE": False}
+RUNS_DECODE = {"blockwise._decades": lambda code_bytes: None}  # not by the dynamic map's decades
 STACKED_UNPACK = {"wrapper.unpack_4bit": stacked_unpack_4bit}
 
 # (name, optimizer, settings: {"module.attribute": value}): the new state shared by
@@ -90,6 +93,7 @@ VARIANTS = [
     ("adamw_8bit tables", "adamw_8bit", TABLES),
     ("adamw_8bit segments, table decode", "adamw_8bit", SEGMENTS | TABLE_DECODE),
     ("adamw_8bit segments, runs in both passes", "adamw_8bit", SEGMENTS | RUNS_BOTH_PASSES),
+    ("adamw_8bit segments, runs decode", "adamw_8bit", SEGMENTS | RUNS_DECODE),
     ("adamw_8bit segments, separate", "adamw_8bit", SEGMENTS | SEPARATE),
     ("adamw_8bit segments, blocked scaling", "adamw_8bit", SEGMENTS | BLOCKED),
     ("adamw_8bit linear encode probe", "adamw_8bit", {"blockwise.nearest_index": linear_codes}),
@@ -108,10 +112,12 @@ VARIANTS = [
     ("lion_8bit tables", "lion_8bit", TABLES),
     ("lion_8bit segments, table decode", "lion_8bit", SEGMENTS | TABLE_DECODE),
     ("lion_8bit segments, runs in both passes", "lion_8bit", SEGMENTS | RUNS_BOTH_PASSES),
+    ("lion_8bit segments, runs decode", "lion_8bit", SEGMENTS | RUNS_DECODE),
     ("lion_8bit segments, blocked scaling", "lion_8bit", SEGMENTS | BLOCKED),
     ("ademamix_8bit segments", "ademamix_8bit", SEGMENTS),
     ("ademamix_8bit segments, table decode", "ademamix_8bit", SEGMENTS | TABLE_DECODE),
     ("ademamix_8bit segments, runs in both passes", "ademamix_8bit", SEGMENTS | RUNS_BOTH_PASSES),
+    ("ademamix_8bit segments, runs decode", "ademamix_8bit", SEGMENTS | RUNS_DECODE),
     ("ademamix_8bit tables", "ademamix_8bit", TABLES),
 ]
 

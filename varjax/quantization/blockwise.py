@@ -10,6 +10,7 @@ any axis but the last stays sharded, and no block mixes data from two devices.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -569,23 +570,98 @@ def _entries_by_runs(index: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.where(index < negatives, -value, value) if mirrored else value
 
 
-# Whether dequantize_blockwise reads a map by its runs off the CPU (measured:
+def _decade_values(h: np.ndarray, shift: int, lead: int, scale: np.float32, top: np.float32):
+    """``_entries_by_decades``' arithmetic in NumPy, for indices ``h`` of the folded map."""
+    g = np.asarray(h, np.int32) + np.int32(lead)
+    i = (np.floor(np.log2(np.maximum(g, 1))).astype(np.int32) - np.int32(shift)) - (g == 0)
+    whole = np.maximum(i, 0)
+    n = _powers_of_five(whole) * (18 * g + 9 - (np.int32(16) << (whole + shift)))
+    value = np.minimum(n.astype(np.float32) * scale, top)
+    return np.where(i < 0, np.float32(0), value)
+
+
+def _powers_of_five(i):
+    """``5**i`` for integers ``i`` in [0, 7], from the bits of ``i``: products, no selects."""
+    return (1 + 4 * (i & 1)) * (1 + 24 * ((i >> 1) & 1)) * (1 + 624 * ((i >> 2) & 1))
+
+
+@functools.lru_cache(maxsize=32)
+def _decades(code_bytes: bytes) -> tuple | None:
+    """The map as bitsandbytes' dynamic map (``codes.dynamic_map``), for
+    ``_entries_by_decades``: ``(mirrored, negatives, shift, lead, scale, top)``, or
+    ``None`` when its (folded) entries are not that map's within ``_DECODE_ULPS``.
+
+    Decade ``i`` of a dynamic map holds ``2**(i + shift)`` entries ``10**(i - E) *
+    (0.1 + 0.9 * (j + 0.5) / 2**(i + shift))``. With ``g = h + lead`` for the index
+    ``h`` (``g = 2**(i + shift) + j``) that is ``5**i * (18 g + 9 - 2**(i + shift +
+    4)) * scale`` for ``scale = 10**-(E + 1) / 2**(shift + 1)``: an integer, one
+    conversion and one product, the decade from the leading bit of ``g``.
+    """
+    code = np.frombuffer(code_bytes, np.float32)
+    mirrored, half = _folded(code)
+    nonzero = np.flatnonzero(half)
+    if nonzero.size < 2 or half[nonzero[0]] <= 0:  # a dynamic map's (half) is not negative
+        return None
+    first, h = int(nonzero[0]), np.arange(half.size)
+    allowed = _DECODE_ULPS * np.spacing(np.abs(half)).astype(np.float64)
+    for shift in range(4):
+        lead = 2**shift - first
+        if lead < 0:
+            continue
+        # the first entry is (2**(shift + 1) + 9) * scale, scale a power of ten over
+        # 2**(shift + 1)
+        halves = 2 ** (shift + 1)
+        exponent = np.round(np.log10(float(half[first]) * halves / (halves + 9)))
+        scale = np.float32(10.0**exponent / halves)
+        got = _decade_values(h, shift, lead, scale, half[-1]).astype(np.float64)
+        if np.all(np.abs(got - half) <= allowed):
+            return mirrored, int(np.count_nonzero(code < 0)), shift, lead, scale, half[-1]
+    return None
+
+
+def _entries_by_decades(index: jax.Array, code: np.ndarray) -> jax.Array:
+    """``code[index]`` of a dynamic map from ``_decades``, within ``_DECODE_ULPS`` units in
+    the last place: integer arithmetic, one conversion and one product, without a gather
+    and with two selects (``_entries_by_runs`` needs three a run)."""
+    code = np.asarray(code, np.float32)
+    mirrored, negatives, shift, lead, scale, top = _decades(code.tobytes())
+    index = jnp.clip(index.astype(jnp.int32), 0, code.size - 1)
+    h = jnp.abs(index - negatives) if mirrored else index
+    g = h + lead
+    i = 31 - jax.lax.clz(g) - shift  # floor(log2(g)) - shift; below 0 for the map's 0
+    whole = jnp.maximum(i, 0)
+    n = _powers_of_five(whole) * (18 * g + 9 - jax.lax.shift_left(16, whole + shift))
+    value = jnp.where(i < 0, 0.0, jnp.minimum(n.astype(jnp.float32) * scale, top))
+    return jnp.where(index < negatives, -value, value) if mirrored else value
+
+
+# Whether dequantize_blockwise reads a map without a gather off the CPU (measured:
 # benchmarks/README.md, "A decoder without gathers").
 _RUNS_OFF_CPU = True
 
 
+def _gather_free_decoder(code: np.ndarray | jax.Array) -> Callable | None:
+    """The decoder of ``code`` off the CPU: by decades for a dynamic map
+    (``_entries_by_decades``), else by runs (``_entries_by_runs``); ``None`` (the
+    table) for a map known only as a JAX array or that fits neither."""
+    if not isinstance(code, np.ndarray) or not _RUNS_OFF_CPU:
+        return None
+    code_bytes = np.asarray(code, np.float32).tobytes()
+    if _decades(code_bytes) is not None:
+        return functools.partial(_entries_by_decades, code=code)
+    if _runs(code_bytes) is not None:
+        return functools.partial(_entries_by_runs, code=code)
+    return None
+
+
 def _entries(index: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
     """``code[index]``, indices past the map's end reading its last entry: off the CPU,
-    for a map known at trace time, by its runs (``_entries_by_runs``)."""
+    for a map known at trace time, without a gather (``_gather_free_decoder``)."""
     by_table = functools.partial(_entries_by_table, code=code)
-    if (
-        isinstance(code, np.ndarray)
-        and _RUNS_OFF_CPU
-        and _runs(np.asarray(code, np.float32).tobytes()) is not None
-    ):
-        by_runs = functools.partial(_entries_by_runs, code=code)
-        return jax.lax.platform_dependent(index, cpu=by_table, default=by_runs)
-    return by_table(index)
+    decoder = _gather_free_decoder(code)
+    if decoder is None:
+        return by_table(index)
+    return jax.lax.platform_dependent(index, cpu=by_table, default=decoder)
 
 
 def dequantize_blockwise(
@@ -600,9 +676,10 @@ def dequantize_blockwise(
 
     ``block_size`` must be the one the codes were made with. On the CPU the map's
     entries are read from its table. Elsewhere (GPU, TPU), for a map known at trace
-    time that lies on a few lines (the default maps), they are computed without a
-    gather, within 2 units in the last place of the entries, so that XLA can write
-    a step's new codes over the donated old ones.
+    time that is bitsandbytes' dynamic map (from its decimal decades) or lies on a few
+    lines (the other default maps), they are computed without a gather, within 2 units
+    in the last place of the entries, so that XLA can write a step's new codes over the
+    donated old ones.
 
     Args:
       codes: the codes from [`quantize_blockwise`][varjax.quantization.quantize_blockwise].
