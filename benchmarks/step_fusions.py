@@ -83,6 +83,7 @@ TABLES = {"blockwise._SEGMENTS_OFF_CPU": False, "blockwise._RUNS_OFF_CPU": False
 TABLE_DECODE = {"blockwise._RUNS_OFF_CPU": False}
 RUNS_BOTH_PASSES = {"wrapper._FIRST_PASS_BY_TABLE": False}
 RUNS_DECODE = {"blockwise._decades": lambda code_bytes: None}  # not by the dynamic map's decades
+SEGMENT_ENCODE = {"blockwise._decade_thresholds": lambda code_bytes: None}
 STACKED_UNPACK = {"wrapper.unpack_4bit": stacked_unpack_4bit}
 
 # (name, optimizer, settings: {"module.attribute": value}): the new state shared by
@@ -94,6 +95,7 @@ VARIANTS = [
     ("adamw_8bit segments, table decode", "adamw_8bit", SEGMENTS | TABLE_DECODE),
     ("adamw_8bit segments, runs in both passes", "adamw_8bit", SEGMENTS | RUNS_BOTH_PASSES),
     ("adamw_8bit segments, runs decode", "adamw_8bit", SEGMENTS | RUNS_DECODE),
+    ("adamw_8bit segments, segment encode", "adamw_8bit", SEGMENTS | SEGMENT_ENCODE),
     ("adamw_8bit segments, separate", "adamw_8bit", SEGMENTS | SEPARATE),
     ("adamw_8bit segments, blocked scaling", "adamw_8bit", SEGMENTS | BLOCKED),
     ("adamw_8bit linear encode probe", "adamw_8bit", {"blockwise.nearest_index": linear_codes}),
@@ -113,11 +115,13 @@ VARIANTS = [
     ("lion_8bit segments, table decode", "lion_8bit", SEGMENTS | TABLE_DECODE),
     ("lion_8bit segments, runs in both passes", "lion_8bit", SEGMENTS | RUNS_BOTH_PASSES),
     ("lion_8bit segments, runs decode", "lion_8bit", SEGMENTS | RUNS_DECODE),
+    ("lion_8bit segments, segment encode", "lion_8bit", SEGMENTS | SEGMENT_ENCODE),
     ("lion_8bit segments, blocked scaling", "lion_8bit", SEGMENTS | BLOCKED),
     ("ademamix_8bit segments", "ademamix_8bit", SEGMENTS),
     ("ademamix_8bit segments, table decode", "ademamix_8bit", SEGMENTS | TABLE_DECODE),
     ("ademamix_8bit segments, runs in both passes", "ademamix_8bit", SEGMENTS | RUNS_BOTH_PASSES),
     ("ademamix_8bit segments, runs decode", "ademamix_8bit", SEGMENTS | RUNS_DECODE),
+    ("ademamix_8bit segments, segment encode", "ademamix_8bit", SEGMENTS | SEGMENT_ENCODE),
     ("ademamix_8bit tables", "ademamix_8bit", TABLES),
 ]
 

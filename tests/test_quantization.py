@@ -430,13 +430,13 @@ def test_pack_4bit_round_trip(shape) -> None:
     np.testing.assert_array_equal(unpack_4bit(packed, n).reshape(shape), codes)
 
 
-@pytest.mark.parametrize("decoder", ["table", "runs"])
+@pytest.mark.parametrize("decoder", ["table", "off the CPU"])
 @pytest.mark.parametrize("code", [dynamic_map(True), default_maps(4)[1]], ids=["8bit", "4bit"])
 def test_stochastic_rounding_is_unbiased(code, decoder, request) -> None:
     """Unbiased within the Bernoulli's spread, with the map's entries read from the table
-    (the CPU) or by its runs (other platforms, run here)."""
-    if decoder == "runs":
-        request.getfixturevalue("run_decoder")
+    (the CPU) or computed (other platforms, run here: decades or runs)."""
+    if decoder == "off the CPU":
+        request.getfixturevalue("off_cpu_decoder")
     rng = np.random.default_rng(2)
     x = rng.uniform(code.min(), 1.0, 1024).astype(np.float32)
     x[0] = 1.0  # the block absmax is 1, so x is its own scaled value
@@ -585,6 +585,7 @@ def edge_values(code: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 MAPS = [dynamic_map(True), dynamic_map(False), linear_map(True), *default_maps(4)]
 MAP_IDS = ["dynamic", "dynamic-unsigned", "linear", "4bit", "4bit-unsigned"]
+DYNAMIC_MAPS = [dynamic_map(True), dynamic_map(False), default_maps(4)[0]]
 
 
 @pytest.mark.parametrize("code", MAPS, ids=MAP_IDS)
@@ -634,6 +635,63 @@ def test_segment_encoder_is_nearest_but_next_to_a_midpoint(code) -> None:
     near = near[(near >= code.min()) & (near <= 1.0)]
     at_thresholds = np.asarray(blockwise._count_below_by_segments(jnp.asarray(near), code))
     np.testing.assert_array_equal(at_thresholds, np.sum(near[:, None] > midpoints, axis=1))
+
+
+@pytest.mark.parametrize("code", DYNAMIC_MAPS, ids=["dynamic", "dynamic-unsigned", "4bit"])
+def test_decade_encoder_is_nearest_but_next_to_a_midpoint(code) -> None:
+    """The encoder of bitsandbytes' dynamic maps off the CPU, run here: the decade by
+    exact compares with the midpoints between decades, then inside decade ``i`` the
+    count of the decoder's midpoints ``5**i * (18 g + 18 - 2**(i + shift + 4)) *
+    scale`` below the value, ``ceil(q / 18)`` in float32 for ``q = value / scale *
+    5**-i + 2**(i + shift + 4) - 18``.
+
+    ``q`` is off by at most 4 relative roundings of its first term (the constant
+    ``1 / scale``, ``5**-i`` from three rounded constants and two products, counted as
+    2.5, and the two products) and one of the sum, then ``q / 18`` by one more: at
+    most ``2**-24 * (3.5 * first + 10)`` gaps, ``first`` the top decade's first ``g``
+    (a bound on ``q / 18``). The table's midpoints lie a little off the decoder's
+    (entries within 2 units in the last place): that distance, in gaps, is added. So
+    a code may differ from the nearest entry's by one, only that close to a midpoint
+    (measured: at most 1.7e-5 of a gap, the unsigned map). Thresholds, entries and
+    the ends are exact.
+    """
+    assert blockwise._gather_free_encoder(code).func is blockwise._count_below_by_decades
+    x = edge_values(code, np.random.default_rng(5))
+    midpoints = (code[:-1] + code[1:]) / np.float32(2)
+    expected = np.sum(x[:, None] > midpoints[None, :], axis=1)
+    got = np.asarray(jax.jit(lambda v: blockwise._count_below_by_decades(v, code))(x))
+    mirrored, negatives, shift, lead, scale, _ = blockwise._decades(code.tobytes())
+    thresholds = blockwise._decade_thresholds(code.tobytes())
+    first = 2 ** (thresholds.size - 2 + shift)
+    # the decoder's midpoints inside decades, in float64, against the table's
+    half = np.frombuffer(code.tobytes(), np.float32)[negatives:] if mirrored else code
+    g = np.arange(half.size - 1) + lead
+    i = np.floor(np.log2(np.maximum(g, 1))) - shift
+    inside = (g > 0) & (i >= 0) & (np.floor(np.log2(g + 1)) - shift == i)
+    decoders = 5.0**i * (18 * g + 18 - 2 ** (i + shift + 4)) * np.float64(scale)
+    gaps = np.diff(half.astype(np.float64))
+    table_off = np.max(np.abs(decoders - midpoints[-half.size + 1 :])[inside] / gaps[inside])
+    gaps_off = 2.0**-24 * (3.5 * first + 10) + table_off
+    differ = got != expected
+    assert np.all(np.abs(got - expected) <= 1)
+    lower = np.minimum(got, expected)[differ]
+    distance = np.abs(x[differ] - midpoints[lower]) / (code[lower + 1] - code[lower])
+    assert np.all(distance <= gaps_off), (distance.max(), gaps_off)
+    assert differ[:20000].mean() < 1e-4
+    exact = np.isin(x, code) | (np.abs(x) == 1.0)
+    np.testing.assert_array_equal(got[exact], expected[exact])
+    near = np.concatenate([thresholds, np.nextafter(thresholds, 2), np.nextafter(thresholds, -2)])
+    near = np.concatenate([near, -near] if mirrored else [near]).astype(np.float32)
+    near = near[(near >= code.min()) & (near <= 1.0)]
+    at_thresholds = np.asarray(blockwise._count_below_by_decades(jnp.asarray(near), code))
+    np.testing.assert_array_equal(at_thresholds, np.sum(near[:, None] > midpoints, axis=1))
+
+
+def test_decade_encoder_is_for_dynamic_maps_only() -> None:
+    """Other maps are encoded by segments off the CPU."""
+    for code in [linear_map(True), default_maps(4)[1], dynamic_map(True, max_exponent_bits=5)]:
+        assert blockwise._decade_thresholds(code.tobytes()) is None
+        assert blockwise._gather_free_encoder(code).func is blockwise._count_below_by_segments
 
 
 def test_segment_encoder_is_used_off_the_cpu_only() -> None:
@@ -687,9 +745,6 @@ def test_run_decoder_is_within_two_units_in_the_last_place(code) -> None:
     with mock.patch.object(blockwise, "_entries_by_table", blockwise._entries_by_runs):
         restored = dequantize_blockwise(codes, absmax, code, code.size // 2)
     np.testing.assert_array_equal(np.asarray(restored), got[: code.size].reshape(2, -1) * absmax)
-
-
-DYNAMIC_MAPS = [dynamic_map(True), dynamic_map(False), default_maps(4)[0]]
 
 
 @pytest.mark.parametrize("code", DYNAMIC_MAPS, ids=["dynamic", "dynamic-unsigned", "4bit"])
@@ -886,17 +941,36 @@ def adam8bit_trajectories(lr: float = 1e-3):
 ENTRIES_BY_TABLE = blockwise._entries_by_table  # kept: the fixtures below replace it
 
 
-def entries_by_runs_or_table(index, code):
+COUNT_BELOW_BY_BUCKETS = blockwise._count_below_by_buckets  # kept, as ENTRIES_BY_TABLE
+
+
+def entries_off_the_cpu(index, code):
     """The decoder of other platforms than the CPU where it applies, else the table."""
     decoder = blockwise._gather_free_decoder(code)
     return ENTRIES_BY_TABLE(index, code) if decoder is None else decoder(index)
 
 
+def count_below_off_the_cpu(scaled, code):
+    """The encoder of other platforms than the CPU where it applies, else the buckets."""
+    encoder = blockwise._gather_free_encoder(code)
+    return COUNT_BELOW_BY_BUCKETS(scaled, code) if encoder is None else encoder(scaled)
+
+
 @pytest.fixture
-def run_decoder(monkeypatch):
+def off_cpu_decoder(monkeypatch):
     """The gather-free decoder of other platforms in place of the CPU's table."""
-    monkeypatch.setattr(blockwise, "_entries_by_table", entries_by_runs_or_table)
+    monkeypatch.setattr(blockwise, "_entries_by_table", entries_off_the_cpu)
     jax.clear_caches()  # the per-leaf jitted functions trace anew with it
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@pytest.fixture
+def off_cpu_codecs(monkeypatch, off_cpu_decoder):
+    """The gather-free encoder and decoder of other platforms in place of the CPU's tables."""
+    monkeypatch.setattr(blockwise, "_count_below_by_buckets", count_below_off_the_cpu)
+    jax.clear_caches()
     yield
     monkeypatch.undo()
     jax.clear_caches()
@@ -918,7 +992,7 @@ def segment_encoder(monkeypatch):
         "nearest",
         "bitsandbytes",
         "nearest, segment encoder",
-        "nearest, segment encoder, run decoder",
+        "nearest, codecs off the CPU",
     ],
 )
 def test_trajectory_matches_bitsandbytes_adam8bit(search, monkeypatch, request) -> None:
@@ -939,18 +1013,20 @@ def test_trajectory_matches_bitsandbytes_adam8bit(search, monkeypatch, request) 
     entry (see ``test_segment_encoder_is_nearest_but_next_to_a_midpoint``); that
     code persists as bitsandbytes' farther ones do: 100% and 99.976% of codes
     agree, and 3 weights differ by more than 0.01 lr (at most 0.08 lr), the mean
-    difference 1.1e-5 of the distance moved, as with the tables. With its decoder
-    too ("run decoder"), whose values lie within 2 units in the last place of the
-    map's, such near-midpoint values change sides a little more often: 99.994% and
-    99.969% of codes agree, 47 weights differ by more than 0.01 lr (at most 0.45
-    lr), the mean difference 4.9e-5 of the distance moved.
+    difference 1.1e-5 of the distance moved, as with the tables. With the codecs of
+    other platforms ("codecs off the CPU": bitsandbytes' maps decoded and encoded
+    from their decades), whose decoded values lie within 2 units in the last place
+    of the map's, a second moment next to a midpoint goes the other way more often,
+    and the code then persists: 100% and 99.87% of codes agree (99.969% with the
+    segments and the runs decoder before), yet 11 weights differ by more than 0.01 lr
+    (at most 0.15 lr; 47 before), the mean difference 1.5e-5 of the distance moved.
     """
     if search.startswith("nearest"):
         monkeypatch.setattr(bnb_cpu_ops, "_quant_blockwise_fp32_direct", nearest_quantize_torch)
     if "segment encoder" in search:
         request.getfixturevalue("segment_encoder")
-    if "run decoder" in search:
-        request.getfixturevalue("run_decoder")
+    if "off the CPU" in search:
+        request.getfixturevalue("off_cpu_codecs")
     lr = 1e-3
     start, ours, theirs, same = adam8bit_trajectories(lr=lr)
     moved = np.abs(ours - start).mean()
@@ -960,7 +1036,7 @@ def test_trajectory_matches_bitsandbytes_adam8bit(search, monkeypatch, request) 
         assert min(same.values()) >= 0.999, same
         assert difference.max() < 0.01 * lr
     elif search.startswith("nearest"):  # a code one entry off persists, as below
-        assert min(same.values()) >= 0.999, same
+        assert min(same.values()) >= (0.998 if "off the CPU" in search else 0.999), same
         assert difference.max() < lr and difference.mean() < 1e-4 * moved
     else:
         assert min(same.values()) >= 0.8, same

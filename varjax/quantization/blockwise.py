@@ -260,9 +260,78 @@ def _count_below_by_segments(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.clip(count, 0, code.size - 1).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=32)
+def _decade_thresholds(code_bytes: bytes) -> np.ndarray | None:
+    """The midpoints of a dynamic map (``_decades``) between its decades, for
+    ``_count_below_by_decades``: between 0 and the first decade, each decade and the
+    next, and the last decade and the top entry; ``None`` when the map's decades are
+    not each ``2**(i + shift)`` entries in a row from ``i = 0``."""
+    found = _decades(code_bytes)
+    if found is None:
+        return None
+    _, _, shift, lead, _, _ = found
+    half = _folded(np.frombuffer(code_bytes, np.float32))[1]
+    g = np.arange(half.size - 1) + lead  # the top entry is a decade of its own
+    decade = np.floor(np.log2(np.maximum(g, 1))).astype(int) - shift - (g == 0)
+    decade = np.maximum(decade, -1)  # the map's 0
+    expected = np.concatenate([[-1]] + [[i] * 2 ** (i + shift) for i in range(decade.max() + 1)])
+    if not np.array_equal(decade, expected):
+        return None
+    ends = np.flatnonzero(np.diff(np.append(decade, decade.max() + 1)))
+    return _midpoints(half)[ends]
+
+
+def _count_below_by_decades(scaled: jax.Array, code: np.ndarray) -> jax.Array:
+    """The count of midpoints below ``scaled`` for a dynamic map, from its decades: the
+    decade by exact compares with the midpoints between decades, then inside decade
+    ``i`` the midpoints ``5**i * (18 g + 18 - 2**(i + shift + 4)) * scale`` (those of
+    ``_entries_by_decades``) below the value, in float32.
+
+    A value within about 1e-4 of a gap of a midpoint may get the neighbouring index
+    (tests/test_quantization.py bounds where); the thresholds are exact.
+    """
+    code = np.asarray(code, np.float32)
+    mirrored, negatives, shift, lead, scale, _ = _decades(code.tobytes())
+    thresholds = _decade_thresholds(code.tobytes())
+    value = scaled.astype(jnp.float32)
+    if mirrored:
+        # a negative value counts the mirrored midpoints at or below its magnitude:
+        # strictly below the next float32 up
+        bits = jax.lax.bitcast_convert_type(-value, jnp.int32) + 1
+        value = jnp.where(value < 0, jax.lax.bitcast_convert_type(bits, jnp.float32), value)
+    past = sum((value > t).astype(jnp.int32) for t in thresholds)  # 0 .. decades + 1
+    i = jnp.clip(past - 1, 0, thresholds.size - 2)
+    bit = lambda b: ((i >> b) & 1) == 1  # noqa: E731
+    fifth = jnp.where(bit(0), np.float32(0.2), 1.0) * jnp.where(bit(1), np.float32(0.04), 1.0)
+    fifth = fifth * jnp.where(bit(2), np.float32(0.0016), 1.0)  # 5**-i
+    first = jax.lax.shift_left(1, i + shift)  # g of the decade's first entry
+    # midpoint g lies below the value where g < q / 18
+    q = value * np.float32(1 / np.float64(scale)) * fifth + (16 * first - 18).astype(jnp.float32)
+    g = jnp.clip(jnp.ceil(q * np.float32(1 / 18)).astype(jnp.int32), first, 2 * first - 1)
+    top = np.int32(_folded(code)[1].size - 1)
+    count = jnp.where(past == 0, 0, jnp.where(past == thresholds.size, top, g - lead))
+    if mirrored:
+        count = jnp.where(scaled < 0, jnp.maximum(negatives - count, 0), negatives + count)
+    return jnp.clip(count, 0, code.size - 1).astype(jnp.int32)
+
+
 # Whether nearest_index uses the segments off the CPU (measured: benchmarks/README.md,
 # "An encoder without gathers").
 _SEGMENTS_OFF_CPU = True
+
+
+def _gather_free_encoder(code: np.ndarray) -> Callable | None:
+    """The count of midpoints below a value off the CPU: by decades for a dynamic map
+    (``_count_below_by_decades``), else by segments (``_count_below_by_segments``);
+    ``None`` (the bucket tables) for a map that fits neither."""
+    if not _SEGMENTS_OFF_CPU:
+        return None
+    code_bytes = np.asarray(code, np.float32).tobytes()
+    if _decade_thresholds(code_bytes) is not None:
+        return functools.partial(_count_below_by_decades, code=code)
+    if _segments(code_bytes) is not None:
+        return functools.partial(_count_below_by_segments, code=code)
+    return None
 
 
 def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
@@ -274,14 +343,15 @@ def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
 
     * on the CPU, precomputed tables over the values' float32 bit patterns give
       it exactly, with two gathers at the same index;
-    * elsewhere (GPU, TPU), a few affine pieces without gathers
-      (``_count_below_by_segments``), so that XLA fuses the computation of the
-      values into the kernel that encodes them: it does not fuse one into a
+    * elsewhere (GPU, TPU), without gathers: bitsandbytes' dynamic maps from
+      their decades (``_count_below_by_decades``), other maps by a few affine
+      pieces (``_count_below_by_segments``), so that XLA fuses the computation of
+      the values into the kernel that encodes them: it does not fuse one into a
       gather's indices, and with the tables an 8-bit AdamW step on an H100 kept
       its new moments in float32 memory (8 bytes per parameter of its largest
-      leaf). A value within about 1e-5 of a gap of a midpoint may then get the
+      leaf). A value within about 2e-5 of a gap of a midpoint may then get the
       neighbouring entry: a share of about 1e-6 of uniform values
-      (``benchmarks/results/encoder_check_*``).
+      (``benchmarks/results/encoder_check_*``, measured with the segments).
 
     For a map known only as a JAX array, a binary search with
     ``log2(len(code))`` gathers. On an H200 it took 0.78 ms for 64M values, 5.6
@@ -305,9 +375,9 @@ def nearest_index(scaled: jax.Array, code: np.ndarray | jax.Array) -> jax.Array:
         code_bytes = np.asarray(code, np.float32).tobytes()
         if _bucket_table(code_bytes) is not None:
             buckets = functools.partial(_count_below_by_buckets, code=code)
-            if _SEGMENTS_OFF_CPU and _segments(code_bytes) is not None:
-                segments = functools.partial(_count_below_by_segments, code=code)
-                return jax.lax.platform_dependent(scaled, cpu=buckets, default=segments)
+            encoder = _gather_free_encoder(code)
+            if encoder is not None:
+                return jax.lax.platform_dependent(scaled, cpu=buckets, default=encoder)
             return buckets(scaled)
     code = jnp.asarray(code, jnp.float32)
     return _count_below(scaled, (code[:-1] + code[1:]) / 2)
