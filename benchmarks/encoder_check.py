@@ -1,7 +1,9 @@
 """How often the gather-free encoder off the CPU picks another code than the nearest.
 
-Off the CPU, ``nearest_index`` counts the midpoints below a value with a few affine
-pieces (``blockwise._count_below_by_segments``) instead of table gathers, so that XLA
+Off the CPU, ``nearest_index`` counts the midpoints below a value by arithmetic
+(``blockwise._gather_free_encoder``: from the decades of bitsandbytes' dynamic maps,
+by a few affine pieces for others; before 2026-12-07 by the pieces for all) instead
+of table gathers, so that XLA
 fuses the moment update with its encoding. Inside a piece the count comes from
 float32 arithmetic: a value very close to a midpoint may get the neighbouring code.
 This script runs that encoder on the default device for the default maps, on
@@ -57,7 +59,7 @@ def values(code: np.ndarray, rng: np.random.Generator, size: int) -> dict[str, n
 
 
 def check(code: np.ndarray, x: np.ndarray) -> dict:
-    count = jax.jit(lambda v: blockwise._count_below_by_segments(v, code))
+    count = jax.jit(blockwise._gather_free_encoder(code))
     got = np.asarray(count(jnp.asarray(x)))
     mids = blockwise._midpoints(code)
     expected = np.searchsorted(mids, x, side="left")  # midpoints strictly below
@@ -77,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size", type=int, default=1 << 24)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     results = {}
@@ -92,6 +95,8 @@ def main() -> None:
         lines = [
             "# Codes of the gather-free encoder against the nearest entry",
             "",
+            "- encoder: `blockwise._gather_free_encoder` (decades for the dynamic maps)",
+            "",
             f"- machine: {info['platform']} / {info['device']}; jax {info['jax']}, {info['date']}",
             "- differ: values whose code is not the nearest entry's (ties to the lower);"
             " farthest: the largest distance of such a value from its midpoint, in shares"
@@ -105,7 +110,7 @@ def main() -> None:
                 f"| {key} | {row['values']} | {row['differ']} | {row['share']:.1e} | "
                 f"{row['largest_difference']} | {row['farthest_from_midpoint']:.1e} |"
             )
-        stem = args.out / f"encoder_check_{info['platform']}"
+        stem = args.out / f"encoder_check_{info['platform']}{args.tag}"
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
         stem.with_suffix(".json").write_text(
             json.dumps({"machine": info, "results": results}, indent=1) + "\n"

@@ -68,18 +68,22 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "quantize_state(optax.scale_by_adam())": lambda: optax.chain(
         quantize_state(optax.scale_by_adam()), optax.scale(-LR)
     ),
+    # on bfloat16 weights and gradients (params + grads: 4 bytes a parameter)
+    "bf16_adamw_8bit": lambda: varjax.bf16_adamw_8bit(LR),
+    "low_precision_weights(optax.adamw)": lambda: varjax.low_precision_weights(optax.adamw(LR)),
 }
+BFLOAT16 = ("bf16_adamw_8bit", "low_precision_weights(optax.adamw)")
 OOM_OPTIMIZERS = ("optax.adamw", "adamw_8bit", "adamw_4bit")
 
 
-def filled(shape: tuple, seed: float) -> jax.Array:
-    """A deterministic float32 array made on the device in one fused pass."""
+def filled(shape: tuple, seed: float, dtype: Any = jnp.float32) -> jax.Array:
+    """A deterministic array made on the device in one fused pass."""
 
     @jax.jit
     def make():
         rows = jax.lax.broadcasted_iota(jnp.float32, shape, 0)
         cols = jax.lax.broadcasted_iota(jnp.float32, shape, len(shape) - 1)
-        return 0.02 * jnp.sin(seed + 0.37 * cols + 0.11 * rows)
+        return (0.02 * jnp.sin(seed + 0.37 * cols + 0.11 * rows)).astype(dtype)
 
     return make()
 
@@ -100,7 +104,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"optimizer": args.worker, "n_params": n, "status": "ok"}
     record["machine"] = machine()
     tx = OPTIMIZERS[args.worker]()
-    abstract = {k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()}
+    dtype = jnp.bfloat16 if args.worker in BFLOAT16 else jnp.float32
+    abstract = {k: jax.ShapeDtypeStruct(tuple(s), dtype) for k, s in shapes.items()}
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -121,8 +126,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     }
     stage = "params"
     try:
-        params = {k: filled(tuple(s), 0.5 + i) for i, (k, s) in enumerate(shapes.items())}
-        grads = {k: filled(tuple(s), 1.5 + i) for i, (k, s) in enumerate(shapes.items())}
+        params = {k: filled(tuple(s), 0.5 + i, dtype) for i, (k, s) in enumerate(shapes.items())}
+        grads = {k: filled(tuple(s), 1.5 + i, dtype) for i, (k, s) in enumerate(shapes.items())}
         stage = "init"
         state = init_compiled(params)
         jax.block_until_ready(state)
@@ -185,7 +190,8 @@ def to_markdown(info: dict[str, Any], rows: list[dict], header: list[str]) -> st
         f"- software: jax {info['jax']}, optax {info['optax']}, varjax {info['varjax']}, "
         f"{info['date']}",
         *header,
-        "- bytes per parameter; ideal peak = params + grads + state (16 for float32 AdamW)",
+        "- bytes per parameter; ideal peak = params + grads + state (16 for float32 AdamW;"
+        f" params + grads 4 bytes for {', '.join(BFLOAT16)}: bfloat16)",
         "",
         "| optimizer | status | XLA temp | init temp | state | peak (GPU) | ms/step |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

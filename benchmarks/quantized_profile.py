@@ -27,6 +27,7 @@ import contextlib
 import gzip
 import json
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -103,9 +104,31 @@ def probes(rows: int, block: int = 256) -> dict[str, float]:
 
 def kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
     """Summed device microseconds per kernel name in the Perfetto trace under ``trace_dir``."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    for name, us in device_kernels(trace_dir):
+        totals[name] += us
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def kernels_by_kind(runner: Runner, where: pathlib.Path, steps: int) -> dict[str, list[float]]:
+    """``{kind: [kernels a step, device microseconds a step]}`` of ``runner``'s step, from a
+    trace of ``steps`` steps written under ``where``; a kernel's kind is its name without
+    the trailing number XLA gives each fusion (``loop_add_fusion.12`` -> ``loop_add_fusion``)."""
+    with jax.profiler.trace(str(where), create_perfetto_trace=True):
+        runner.run(steps)
+    kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for name, us in device_kernels(where):
+        kind = re.sub(r"[._]\d+$", "", name)
+        kinds[kind][0] += 1 / steps
+        kinds[kind][1] += us / steps
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1][1]))
+
+
+def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
+    """``(name, device microseconds)`` of each kernel in the Perfetto trace under ``trace_dir``."""
     files = sorted(trace_dir.rglob("*.trace.json.gz")) + sorted(trace_dir.rglob("perfetto*.gz"))
     if not files:
-        return {}
+        return []
     with gzip.open(files[-1], "rt") as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -115,11 +138,11 @@ def kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
         if e.get("ph") == "M" and e.get("name") == "process_name"
     }
     device = {pid for pid, name in pids.items() if "/device:GPU" in name}
-    totals: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device and "dur" in e:
-            totals[e["name"]] += float(e["dur"])
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    return [
+        (e["name"], float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X" and e.get("pid") in device and "dur" in e
+    ]
 
 
 def traced(name: str, runner: Runner, out: pathlib.Path, steps: int = 5) -> dict[str, float]:

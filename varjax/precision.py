@@ -237,9 +237,12 @@ def split_float32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def combine_float32(hi: jax.Array, lo: jax.Array) -> jax.Array:
     """The float32 whose top 16 bits are the bfloat16 ``hi`` and whose low 16 bits are ``lo``."""
+    # shifts of widened halves, not a stack of the two: XLA wrote a stack's concatenate out
+    # as a kernel of its own (compiled for an H100, a donated bfloat16 AdamW step with
+    # stochastic rounding held two u16[..., 2] arrays: 8 bytes a parameter)
     top = jax.lax.bitcast_convert_type(jnp.asarray(hi, jnp.bfloat16), jnp.uint16)
-    halves = jnp.stack([jnp.asarray(lo, jnp.uint16), top], axis=-1)
-    return jax.lax.bitcast_convert_type(halves, jnp.float32)
+    bits = (top.astype(jnp.uint32) << 16) | jnp.asarray(lo, jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def exact_float32(x: jax.Array) -> jax.Array:

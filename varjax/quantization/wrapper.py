@@ -664,9 +664,15 @@ def _whole_leaf_step(
     if _use_two_passes():
         # Two passes over the same inputs, so that the full-precision new state is never
         # stored: the first keeps only the new absmax of each quantized leaf, the second,
-        # on inputs behind a barrier (so that XLA does not merge the two), computes the
+        # on the stored state behind a barrier and the gradients and parameters times a
+        # one from behind it (`_times`), so that XLA does not merge the two, computes the
         # state again and encodes it with that absmax.
-        inputs, absmax, finite = _barrier((inputs, absmax, finite))
+        grads, stored, params, extra_args = inputs
+        one = jnp.ones((), jnp.float32)
+        stored, extra_args, absmax, finite, one = _barrier(
+            (stored, extra_args, absmax, finite, one)
+        )
+        inputs = (_times(one, grads), stored, _times(one, params), extra_args)
         out, new_inner = step(inputs)
         if _SEPARATE_ENCODE:
             # the state to encode computed a third time, from the inputs behind a
@@ -674,6 +680,22 @@ def _whole_leaf_step(
             # could each compute the moments they read (see _SEPARATE_ENCODE)
             _, new_inner = step(_barrier(inputs))
     return out, _encode(codec, inputs[1], new_inner, absmax, finite, key), finite
+
+
+def _times(one: jax.Array, tree: PyTree) -> PyTree:
+    """``tree``'s floating-point arrays times ``one`` (a one from behind a barrier): new
+    values to XLA, so that it does not merge what is computed from them with what was
+    computed before the barrier, yet computed inside the kernels that read them. Behind
+    the barrier themselves, arrays computed in the step (the float32 copies of bfloat16
+    gradients and weights that ``varjax.in_float32`` makes) were stored whole: compiled
+    for an H100, 8 bytes a parameter of temporaries in a bfloat16 8-bit AdamW step."""
+
+    def times(x: Any) -> Any:
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.inexact):
+            return x * one.astype(x.dtype)
+        return x
+
+    return jax.tree.map(times, tree)
 
 
 def _chunked_step(
