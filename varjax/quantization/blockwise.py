@@ -183,6 +183,21 @@ def _folded(code: np.ndarray) -> tuple[bool, np.ndarray]:
     return mirrored, np.concatenate([np.float32([0.0]), positive]) if mirrored else code
 
 
+def _folded_value(scaled: jax.Array) -> jax.Array:
+    """``scaled`` in float32 for counting the midpoints of a mirrored map's half: a
+    negative value counts the mirrored midpoints at or below its magnitude, so it is
+    taken as the next float32 above its magnitude (strictly below that)."""
+    value = scaled.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(-value, jnp.int32) + 1
+    return jnp.where(value < 0, jax.lax.bitcast_convert_type(bits, jnp.float32), value)
+
+
+def _unfolded_count(scaled: jax.Array, count: jax.Array, negatives) -> jax.Array:
+    """The count of the whole mirrored map's midpoints below ``scaled``, from ``count``
+    over its half (``_folded_value``) and its number of ``negatives``."""
+    return jnp.where(scaled < 0, jnp.maximum(negatives - count, 0), negatives + count)
+
+
 # Runs of midpoints count as evenly spaced when each lies within this share of the run's
 # step of its place on the line fitted through the run (float32 rounding of the map
 # leaves them about 4e-6 of a step off in the 8-bit dynamic map's top decade).
@@ -240,12 +255,7 @@ def _count_below_by_segments(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     """
     code = np.asarray(code, np.float32)
     mirrored, thresholds, slopes, offsets, tops, bases = _segments(code.tobytes())
-    value = scaled.astype(jnp.float32)
-    if mirrored:
-        # a negative value counts the mirrored midpoints at or below its magnitude:
-        # strictly below the next float32 up
-        bits = jax.lax.bitcast_convert_type(-value, jnp.int32) + 1
-        value = jnp.where(value < 0, jax.lax.bitcast_convert_type(bits, jnp.float32), value)
+    value = _folded_value(scaled) if mirrored else scaled.astype(jnp.float32)
     slope, offset, top, base = 0.0, 0.0, 1.0, -1.0  # below the first threshold: 0
     for s in range(thresholds.size):
         past = value > thresholds[s]
@@ -255,8 +265,7 @@ def _count_below_by_segments(scaled: jax.Array, code: np.ndarray) -> jax.Array:
         base = jnp.where(past, bases[s], base)
     count = base + jnp.clip(jnp.ceil(value * slope - offset), 1.0, top)
     if mirrored:
-        negatives = np.float32(np.count_nonzero(code < 0))
-        count = jnp.where(scaled < 0, jnp.maximum(negatives - count, 0.0), negatives + count)
+        count = _unfolded_count(scaled, count, np.float32(np.count_nonzero(code < 0)))
     return jnp.clip(count, 0, code.size - 1).astype(jnp.int32)
 
 
@@ -287,18 +296,13 @@ def _count_below_by_decades(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     ``i`` the midpoints ``5**i * (18 g + 18 - 2**(i + shift + 4)) * scale`` (those of
     ``_entries_by_decades``) below the value, in float32.
 
-    A value within about 1e-4 of a gap of a midpoint may get the neighbouring index
+    A value within a few 1e-5 of a gap of a midpoint may get the neighbouring index
     (tests/test_quantization.py bounds where); the thresholds are exact.
     """
     code = np.asarray(code, np.float32)
     mirrored, negatives, shift, lead, scale, _ = _decades(code.tobytes())
     thresholds = _decade_thresholds(code.tobytes())
-    value = scaled.astype(jnp.float32)
-    if mirrored:
-        # a negative value counts the mirrored midpoints at or below its magnitude:
-        # strictly below the next float32 up
-        bits = jax.lax.bitcast_convert_type(-value, jnp.int32) + 1
-        value = jnp.where(value < 0, jax.lax.bitcast_convert_type(bits, jnp.float32), value)
+    value = _folded_value(scaled) if mirrored else scaled.astype(jnp.float32)
     past = sum((value > t).astype(jnp.int32) for t in thresholds)  # 0 .. decades + 1
     i = jnp.clip(past - 1, 0, thresholds.size - 2)
     bit = lambda b: ((i >> b) & 1) == 1  # noqa: E731
@@ -311,7 +315,7 @@ def _count_below_by_decades(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     top = np.int32(_folded(code)[1].size - 1)
     count = jnp.where(past == 0, 0, jnp.where(past == thresholds.size, top, g - lead))
     if mirrored:
-        count = jnp.where(scaled < 0, jnp.maximum(negatives - count, 0), negatives + count)
+        count = _unfolded_count(scaled, count, negatives)
     return jnp.clip(count, 0, code.size - 1).astype(jnp.int32)
 
 
