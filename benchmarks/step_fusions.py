@@ -78,9 +78,9 @@ def stacked_unpack_4bit(packed, length):  # the unpacking before 2026-12-07 (sam
 
 SEPARATE = {"wrapper._SEPARATE_ENCODE": True}
 BLOCKED = {"blockwise._GIVEN_ABSMAX_PER_ELEMENT": False}
-SEGMENTS = {"blockwise._SEGMENTS_OFF_CPU": True}
-TABLES = {"blockwise._SEGMENTS_OFF_CPU": False, "blockwise._RUNS_OFF_CPU": False}
-TABLE_DECODE = {"blockwise._RUNS_OFF_CPU": False}
+SEGMENTS = {"blockwise._ENCODE_WITHOUT_GATHERS": True}
+TABLES = {"blockwise._ENCODE_WITHOUT_GATHERS": False, "blockwise._DECODE_WITHOUT_GATHERS": False}
+TABLE_DECODE = {"blockwise._DECODE_WITHOUT_GATHERS": False}
 RUNS_BOTH_PASSES = {"wrapper._FIRST_PASS_BY_TABLE": False}
 RUNS_DECODE = {"blockwise._decades": lambda code_bytes: None}  # not by the dynamic map's decades
 SEGMENT_ENCODE = {"blockwise._decade_thresholds": lambda code_bytes: None}

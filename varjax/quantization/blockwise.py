@@ -281,8 +281,7 @@ def _decade_thresholds(code_bytes: bytes) -> np.ndarray | None:
     _, _, shift, lead, _, _ = found
     half = _folded(np.frombuffer(code_bytes, np.float32))[1]
     g = np.arange(half.size - 1) + lead  # the top entry is a decade of its own
-    decade = np.floor(np.log2(np.maximum(g, 1))).astype(int) - shift - (g == 0)
-    decade = np.maximum(decade, -1)  # the map's 0
+    decade = np.maximum(_decade_of(g, shift), -1)  # below 0: the map's 0
     expected = np.concatenate([[-1]] + [[i] * 2 ** (i + shift) for i in range(decade.max() + 1)])
     if not np.array_equal(decade, expected):
         return None
@@ -319,16 +318,16 @@ def _count_below_by_decades(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.clip(count, 0, code.size - 1).astype(jnp.int32)
 
 
-# Whether nearest_index uses the segments off the CPU (measured: benchmarks/README.md,
-# "An encoder without gathers").
-_SEGMENTS_OFF_CPU = True
+# Whether nearest_index encodes without gathers off the CPU, by decades or segments
+# (measured: benchmarks/README.md, "An encoder without gathers").
+_ENCODE_WITHOUT_GATHERS = True
 
 
 def _gather_free_encoder(code: np.ndarray) -> Callable | None:
     """The count of midpoints below a value off the CPU: by decades for a dynamic map
     (``_count_below_by_decades``), else by segments (``_count_below_by_segments``);
     ``None`` (the bucket tables) for a map that fits neither."""
-    if not _SEGMENTS_OFF_CPU:
+    if not _ENCODE_WITHOUT_GATHERS:
         return None
     code_bytes = np.asarray(code, np.float32).tobytes()
     if _decade_thresholds(code_bytes) is not None:
@@ -393,7 +392,7 @@ def stochastic_index(scaled: jax.Array, code: np.ndarray | jax.Array, key: jax.A
     ``E[code[index]] = value`` for values inside the map's range.
 
     The entries are read as ``dequantize_blockwise`` reads them (``_entries``: off the
-    CPU by the map's runs, without a gather), so that a decoded value keeps its code
+    CPU without a gather), so that a decoded value keeps its code
     and XLA:GPU can write the new codes over the old ones: compiled for an H100, a
     donated stochastic 8-bit AdamW step on one leaf of 16,384 x 4096 held 20.0 bytes
     per parameter of temporaries with the table.
@@ -644,10 +643,17 @@ def _entries_by_runs(index: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.where(index < negatives, -value, value) if mirrored else value
 
 
+def _decade_of(g: np.ndarray, shift: int) -> np.ndarray:
+    """The decade ``floor(log2(g)) - shift`` of ``g = h + lead`` in NumPy (int32), below 0
+    for the map's 0: ``_entries_by_decades`` computes it from the leading zeros of ``g``."""
+    g = np.asarray(g, np.int32)
+    return np.floor(np.log2(np.maximum(g, 1))).astype(np.int32) - np.int32(shift) - (g == 0)
+
+
 def _decade_values(h: np.ndarray, shift: int, lead: int, scale: np.float32, top: np.float32):
     """``_entries_by_decades``' arithmetic in NumPy, for indices ``h`` of the folded map."""
     g = np.asarray(h, np.int32) + np.int32(lead)
-    i = (np.floor(np.log2(np.maximum(g, 1))).astype(np.int32) - np.int32(shift)) - (g == 0)
+    i = _decade_of(g, shift)
     whole = np.maximum(i, 0)
     n = _powers_of_five(whole) * (18 * g + 9 - (np.int32(16) << (whole + shift)))
     value = np.minimum(n.astype(np.float32) * scale, top)
@@ -709,16 +715,16 @@ def _entries_by_decades(index: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.where(index < negatives, -value, value) if mirrored else value
 
 
-# Whether dequantize_blockwise reads a map without a gather off the CPU (measured:
-# benchmarks/README.md, "A decoder without gathers").
-_RUNS_OFF_CPU = True
+# Whether dequantize_blockwise reads a map without a gather off the CPU, by decades or
+# runs (measured: benchmarks/README.md, "A decoder without gathers").
+_DECODE_WITHOUT_GATHERS = True
 
 
 def _gather_free_decoder(code: np.ndarray | jax.Array) -> Callable | None:
     """The decoder of ``code`` off the CPU: by decades for a dynamic map
     (``_entries_by_decades``), else by runs (``_entries_by_runs``); ``None`` (the
     table) for a map known only as a JAX array or that fits neither."""
-    if not isinstance(code, np.ndarray) or not _RUNS_OFF_CPU:
+    if not isinstance(code, np.ndarray) or not _DECODE_WITHOUT_GATHERS:
         return None
     code_bytes = np.asarray(code, np.float32).tobytes()
     # Not for the 4-bit maps, whose few runs cost little: with their decades XLA:GPU
@@ -786,9 +792,10 @@ def _dequantized(
     code: np.ndarray | jax.Array,
     block_size: int,
     dtype: jax.typing.DTypeLike,
-    by_runs: bool = True,
+    gather_free: bool = True,
 ) -> jax.Array:
-    """``dequantize_blockwise``; ``by_runs=False`` reads the map's table on every platform."""
+    """``dequantize_blockwise``; ``gather_free=False`` reads the map's table on every
+    platform."""
     shape = jnp.shape(codes)
     n = shape[-1] if shape else 1
     if absmax.shape[-1] != -(-n // block_size):
@@ -798,7 +805,7 @@ def _dequantized(
         )
     # codes past a short map read its last entry
     index = jnp.atleast_1d(codes).astype(jnp.int32)
-    values = _entries(index, code) if by_runs else _entries_by_table(index, code)
+    values = _entries(index, code) if gather_free else _entries_by_table(index, code)
     # per element on every platform: the blocked reshape pads a last axis that is not a
     # multiple of block_size, and XLA:GPU could then not write a step's new codes over
     # the old ones (4096 x 1088, adamw_8bit: 2.07 against 0.09 B/param of temporaries,

@@ -256,16 +256,23 @@ def _expand_leaf(codec: _Codec, x: QuantizedArray, in_place: bool = True) -> jax
     codes = x.codes
     if x.bits == 4:
         codes = unpack_4bit(codes, x.shape[-1] if x.shape else 1).reshape(x.shape)
-    # Off the CPU the map is read by its runs only where XLA may then write the new codes
-    # over these (in the pass that encodes): the runs cost arithmetic, the table a copy of
-    # the new codes. Packed codes of an odd last axis are unpacked through a slice, so XLA
-    # never writes new ones over them; decoded by the runs, XLA:GPU split the second pass
-    # of a 4-bit leaf (a 7,629 x 16,384 adamw_4bit leaf, unpacked by a broadcast then:
-    # 4.53 against 1.13 B/param of temporaries, compiled for an H100).
-    by_runs = in_place and (x.bits == 8 or (x.shape[-1] if x.shape else 1) % 2 == 0)
+    # Off the CPU the map is read without a gather only where XLA may then write the new
+    # codes over these (in the pass that encodes, `_elementwise_codes`): that costs
+    # arithmetic, the table a copy of the new codes. Decoded without a gather where they
+    # cannot be written in place, XLA:GPU split the second pass of a 4-bit leaf (a
+    # 7,629 x 16,384 adamw_4bit leaf, unpacked by a broadcast then: 4.53 against 1.13
+    # B/param of temporaries, compiled for an H100).
+    gather_free = in_place and _elementwise_codes(x)
     return _dequantized(
-        codes, x.absmax, codec.code(x.signed), codec.block_size, jnp.float32, by_runs
+        codes, x.absmax, codec.code(x.signed), codec.block_size, jnp.float32, gather_free
     )
+
+
+def _elementwise_codes(x: QuantizedArray) -> bool:
+    """Whether ``x``'s stored codes map elementwise onto its values, so that XLA can write
+    new codes over them: 8-bit codes, and 4-bit ones over an even last axis (a bitcast to
+    ``uint4`` pairs); an odd last axis is padded, and unpacked through a slice."""
+    return x.bits == 8 or (x.shape[-1] if x.shape else 1) % 2 == 0
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -295,7 +302,7 @@ def _selected(
 ) -> QuantizedArray:
     """``old`` with the new ``absmax`` and ``codes`` where ``finite``, as it was where not;
     ``as_nibbles``: packed codes just encoded are selected before their packing."""
-    if as_nibbles and old.bits == 4 and old.codes.shape[-1] * 2 == (old.shape or (1,))[-1]:
+    if as_nibbles and old.bits == 4 and _elementwise_codes(old):
         # A select of the bytes, behind the bitcast that packs them, was a kernel of its
         # own, which XLA:GPU could not write over the old codes (one leaf of 16,384 x 4096
         # compiled for an H100: 1.13 against 0.16 B/param of temporaries). Not for codes
@@ -343,7 +350,7 @@ _SEPARATE_ENCODE = False
 
 
 # Whether the first of two passes (which writes no codes) reads the maps from their
-# tables off the CPU, the second by their runs (`_expand_leaf`); the decoded values then
+# tables off the CPU, the second without a gather (`_expand_leaf`); the decoded values then
 # differ by at most 2 units in the last place between the passes, so a value may exceed
 # the absmax of its block by as much (the encoder clips it).
 _FIRST_PASS_BY_TABLE = True
@@ -940,7 +947,7 @@ def quantize_state(
         def step(inputs: tuple, in_place: bool = True) -> tuple[PyTree, PyTree]:
             grads, quantized, params, extra_args = inputs
             # stochastic rounding's encoder reads three entries of the map per value:
-            # with the state decoded by the runs too, XLA:GPU split its kernel (compiled
+            # with the state decoded by the runs too (then), XLA:GPU split its kernel (compiled
             # for an H100, one leaf of 16,384 x 4096: 8.07 B/param of temporaries, 6.07
             # with the state decoded from the tables and its new codes copied)
             decoded = expand(quantized, in_place and state.key is None)
